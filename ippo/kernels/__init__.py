@@ -1,0 +1,11 @@
+"""Influence kernels: per-episode LoRA gradient . validation gradient, without per-episode gradients.
+
+Backends: ``torch`` (reference, any device), ``triton`` (default on CUDA), ``cuda`` (CUDA C++ from csrc/).
+Choose with IPPO_BACKEND; ``python -m ippo.info`` lists what runs here and why not.
+"""
+
+from ippo.kernels.ops import gradient_sketches, influence_scores, sketch_lora_gradient
+from ippo.kernels.scorer import InfluenceScorer, LoRAGrad, validation_gradients
+
+__all__ = ["InfluenceScorer", "LoRAGrad", "gradient_sketches", "influence_scores", "sketch_lora_gradient",
+           "validation_gradients"]

@@ -1,0 +1,208 @@
+"""The torch ops ``influence_scores`` and ``gradient_sketches``: argument checks, torch.library registration,
+and the segment reductions shared by every backend.
+
+Sign convention: s_i = < dl_i/dtheta , dL_val/dtheta >. A gradient step on episode i moves theta by
+-lr * dl_i/dtheta, which changes L_val by about -lr * s_i: positive s_i means training on episode i
+lowers the validation loss (keep it); negative means it raises it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ippo.kernels import projection
+from ippo.kernels.backends import select_backend
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Bounds the (tokens x r x m) outer products materialized per chunk in the sketch reduction.
+_OUTER_CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: low-precision inputs always accumulate in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_shapes(op: str, specs) -> dict[str, int]:
+    """Check each (name, tensor, dims) against symbolic dims; returns the bound sizes, e.g. {"N": 12}."""
+    bound: dict[str, tuple[int, str]] = {}
+    for name, t, dims in specs:
+        if t.dim() != len(dims):
+            raise ValueError(f"{op}: {name} must be {len(dims)}-D with shape ({', '.join(dims)}); "
+                             f"got shape {tuple(t.shape)}")
+        for dim, size in zip(dims, t.shape):
+            if dim in bound and bound[dim][0] != size:
+                raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, i.e. {dim}={size}, but "
+                                 f"{bound[dim][1]} has {dim}={bound[dim][0]}")
+            bound.setdefault(dim, (size, f"{name} {tuple(t.shape)}"))
+    return {dim: size for dim, (size, _) in bound.items()}
+
+
+def check_tensors(op: str, floats: dict, segment_ids=None, num_segments=None) -> None:
+    """Types, dtypes, one device, and num_segments; segment id values are checked by ``check_segment_ids``."""
+    tensors = dict(floats) if segment_ids is None else {**floats, "segment_ids": segment_ids}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    for name, t in floats.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    if segment_ids is not None and segment_ids.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{op}: segment_ids must be int32 or int64; got {segment_ids.dtype}")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device; got "
+                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    if segment_ids is not None and (isinstance(num_segments, bool) or not isinstance(num_segments, int)
+                                    or num_segments < 0):
+        raise ValueError(f"{op}: num_segments must be a non-negative int; got {num_segments!r}")
+
+
+def check_segment_ids(op: str, segment_ids: torch.Tensor, num_segments: int) -> None:
+    """Every id must be -1 (ignored token) or an episode in [0, num_segments). One device sync."""
+    if segment_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(segment_ids.min()), int(segment_ids.max())
+    if lo < -1 or hi >= num_segments:
+        raise ValueError(f"{op}: segment_ids must lie in [-1, num_segments) = [-1, {num_segments}); "
+                         f"got values in [{lo}, {hi}]")
+
+
+def check_scaling(op: str, scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling must be a finite number; got {scaling!r}")
+    return float(scaling)
+
+
+def segment_sum(token_values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(S,) per-segment sums of (N,) token values, in float64 then cast back; id -1 tokens are dropped,
+    so a NaN on a padding token or in one episode never reaches another episode."""
+    buf = torch.zeros(num_segments + 1, dtype=torch.float64, device=token_values.device)
+    buf.index_add_(0, segment_ids.long() + 1, token_values.to(torch.float64))
+    return buf[1:].to(token_values.dtype)
+
+
+def segment_outer_sum(a: torch.Tensor, b: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(S, p*q) = per segment, sum over its tokens of vec(a_t b_t^T), a: (N, p), b: (N, q); id -1 dropped."""
+    p, q = a.shape[1], b.shape[1]
+    buf = torch.zeros(num_segments + 1, p * q, dtype=a.dtype, device=a.device)
+    index = segment_ids.long() + 1
+    chunk = max(1, _OUTER_CHUNK_ELEMENTS // max(1, p * q))
+    for start in range(0, a.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        buf.index_add_(0, index[rows], (a[rows, :, None] * b[rows, None, :]).flatten(1))
+    return buf[1:]
+
+
+# ---- influence_scores -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("ippo::influence_scores", mutates_args=())
+def _influence_scores_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                         val_A: torch.Tensor, val_B: torch.Tensor, segment_ids: torch.Tensor,
+                         num_segments: int, scaling: float) -> torch.Tensor:
+    _, backend = select_backend(x.device)
+    token_scores = torch.zeros(x.shape[0], dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B),
+                               device=x.device)
+    backend.accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling, token_scores)
+    return segment_sum(token_scores, segment_ids, num_segments)
+
+
+@_influence_scores_op.register_fake
+def _(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling):
+    return x.new_empty(num_segments, dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B))
+
+
+def influence_scores(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                     val_A: torch.Tensor, val_B: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
+                     scaling: float = 1.0) -> torch.Tensor:
+    """Per-episode influence of one LoRA layer, s_i = <dl_i/d(A,B), (val_A, val_B)>, without per-episode gradients.
+
+    x: (N, d_in) LoRA input after dropout, h = x A^T: (N, r), grad_y: (N, d_out) = dl/dy,
+    grad_h = scaling * grad_y B: (N, r), val_A: (r, d_in), val_B: (d_out, r), segment_ids: (N,) int
+    episode of each token, -1 = ignore. Returns (num_segments,) float32 (float64 for float64 inputs):
+
+        s_i = sum_{t: seg_t = i} grad_h[t] . (val_A x[t]) + scaling * grad_y[t] . (val_B h[t])
+
+    Positive s_i: a gradient step on episode i lowers the validation loss.
+    """
+    op = "influence_scores"
+    floats = dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h, val_A=val_A, val_B=val_B)
+    check_tensors(op, floats, segment_ids, num_segments)
+    check_shapes(op, [("x", x, ("N", "d_in")), ("h", h, ("N", "r")), ("grad_y", grad_y, ("N", "d_out")),
+                      ("grad_h", grad_h, ("N", "r")), ("val_A", val_A, ("r", "d_in")),
+                      ("val_B", val_B, ("d_out", "r")), ("segment_ids", segment_ids, ("N",))])
+    check_segment_ids(op, segment_ids, num_segments)
+    scaling = check_scaling(op, scaling)
+    return torch.ops.ippo.influence_scores(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
+
+
+# ---- gradient_sketches ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("ippo::gradient_sketches", mutates_args=())
+def _gradient_sketches_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                          segment_ids: torch.Tensor, num_segments: int, k: int, seed: int, layer: int,
+                          scaling: float) -> torch.Tensor:
+    _, backend = select_backend(x.device)
+    acc = accumulation_dtype(x, h, grad_y, grad_h)
+    m = k // (2 * h.shape[1])
+    u = backend.project_rows(x, projection.projection_salt(seed, layer, projection.SIDE_IN), m, acc)
+    w = backend.project_rows(grad_y, projection.projection_salt(seed, layer, projection.SIDE_OUT), m, acc)
+    sketch_a = segment_outer_sum(grad_h.to(acc), u, segment_ids, num_segments)
+    sketch_b = segment_outer_sum(w, h.to(acc), segment_ids, num_segments) * scaling
+    return torch.cat([sketch_a, sketch_b], dim=1)
+
+
+@_gradient_sketches_op.register_fake
+def _(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling):
+    return x.new_empty((num_segments, k), dtype=accumulation_dtype(x, h, grad_y, grad_h))
+
+
+def _check_sketch_params(op: str, k, r: int, seed, layer) -> None:
+    if r < 1:
+        raise ValueError(f"{op}: the LoRA rank r must be >= 1; got r = {r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % (2 * r):
+        raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r}; got {k!r}")
+    for name, value in (("seed", seed), ("layer", layer)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ValueError(f"{op}: {name} must be an int in [0, 2**63); got {value!r}")
+
+
+def gradient_sketches(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                      segment_ids: torch.Tensor, num_segments: int, k: int, seed: int = 0, layer: int = 0,
+                      scaling: float = 1.0) -> torch.Tensor:
+    """Per-episode JL sketch of one LoRA layer's gradient, (num_segments, k) float32 (float64 for float64 inputs).
+
+    Inputs as in ``influence_scores``; k must be a multiple of 2r, m = k / (2r). With Rademacher
+    P_in (m, d_in), P_out (m, d_out) generated in-kernel from (seed, layer) (never stored):
+
+        sketch_i = [ vec(G_A,i P_in^T) , vec(P_out G_B,i) ],  G_A,i = sum_t grad_h[t] x[t]^T,
+                                                             G_B,i = scaling * sum_t grad_y[t] h[t]^T
+
+    so E[sketch_i . sketch_lora_gradient(V_A, V_B)] = s_i, with error ~ 1/sqrt(k).
+    """
+    op = "gradient_sketches"
+    check_tensors(op, dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h), segment_ids, num_segments)
+    dims = check_shapes(op, [("x", x, ("N", "d_in")), ("h", h, ("N", "r")), ("grad_y", grad_y, ("N", "d_out")),
+                             ("grad_h", grad_h, ("N", "r")), ("segment_ids", segment_ids, ("N",))])
+    _check_sketch_params(op, k, dims["r"], seed, layer)
+    check_segment_ids(op, segment_ids, num_segments)
+    scaling = check_scaling(op, scaling)
+    return torch.ops.ippo.gradient_sketches(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
+
+
+def sketch_lora_gradient(grad_A: torch.Tensor, grad_B: torch.Tensor, k: int, seed: int = 0, layer: int = 0) -> torch.Tensor:
+    """(k,) sketch of a dense LoRA gradient (grad_A: (r, d_in), grad_B: (d_out, r)) with the projection of
+    ``gradient_sketches(..., k, seed, layer)``: [vec(grad_A P_in^T), vec(P_out grad_B)].
+
+    It is that op applied to r pseudo-tokens, x = grad_A, grad_y = grad_B^T, h = grad_h = I_r.
+    """
+    op = "sketch_lora_gradient"
+    check_tensors(op, dict(grad_A=grad_A, grad_B=grad_B))
+    r = check_shapes(op, [("grad_A", grad_A, ("r", "d_in")), ("grad_B", grad_B, ("d_out", "r"))])["r"]
+    _check_sketch_params(op, k, r, seed, layer)
+    eye = torch.eye(r, dtype=grad_A.dtype, device=grad_A.device)
+    seg = torch.zeros(r, dtype=torch.long, device=grad_A.device)
+    return torch.ops.ippo.gradient_sketches(grad_A, eye, grad_B.T, eye, seg, 1, k, seed, layer, 1.0)[0]

@@ -1,0 +1,382 @@
+"""Reasoning tasks: data splits, prompts, and answer/step checkers.
+
+Every task uses the GSM8K answer format: reasoning lines in which arithmetic
+is written out as equations (``48/2 = 24``, optionally annotated
+``<<48/2=24>>``), then a final line ``#### 72``. Gold answers are in the same
+format, so they serve both as SFT targets and as the validation loss text.
+
+Tasks:
+  * ``gsm8k``: grade-school math word problems (bundled OpenAI train split, or
+    any user JSONL of ``{"question", "answer"}`` lines in GSM8K format).
+  * ``arith``: procedurally generated multi-step integer arithmetic.
+
+The checkers never raise: a malformed completion or a checker error counts
+as a wrong answer / a wrong step.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import importlib.resources
+import json
+import random
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["train", "validation", "eval"]
+SPLITS: tuple[str, ...] = ("train", "validation", "eval")
+
+SYSTEM_PROMPT = (
+    "Solve the problem step by step. Write every calculation as an equation such as "
+    "'12 + 7 = 19', one step per line. End with a line '#### <answer>' holding only the final number."
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. ``answer`` is the gold solution in GSM8K format (ends with ``#### <number>``)."""
+
+    question: str
+    answer: str
+
+
+# --------------------------------------------------------------------------- numbers and equations
+
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_FINAL_RE = re.compile(rf"####\s*({_NUMBER})")
+_ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
+# Thousands separators: "1,000" -> "1000" (a comma not followed by exactly 3 digits is punctuation).
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# "3 x 4", "3×4" -> "3*4" (only between operands, so words containing "x" are untouched).
+_TIMES_RE = re.compile(r"(?<=[\d)])\s*[x×X]\s*(?=[\d(])")
+# An equation "lhs = rhs": lhs is a run of arithmetic characters, rhs a number. The rhs is
+# in a lookahead so that a chain "3 + 4 = 7 + 2 = 9" yields both "3 + 4 = 7" and "7 + 2 = 9".
+_EQUATION_RE = re.compile(rf"([\d.()+\-*/ \t]*[\d)][ \t)]*)=(?=[ \t]*({_NUMBER}))")
+_MAX_EXPR_CHARS = 200
+
+
+def _normalize(text: str) -> str:
+    """Canonical arithmetic spelling: no ``$``, no thousands commas, ``x``/``×``/``÷`` as ``*``/``/``."""
+    text = text.replace("$", "").replace("÷", "/")
+    text = _THOUSANDS_RE.sub("", text)
+    return _TIMES_RE.sub("*", text)
+
+
+def _eval_node(node: ast.AST) -> Fraction:
+    """Exact value of an arithmetic AST made only of numbers, ``+ - * /`` and unary ``+ -``."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return Fraction(repr(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _eval_node(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _eval_node(node.left), _eval_node(node.right)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        return a / b  # ZeroDivisionError propagates; callers treat it as a wrong step
+    raise ValueError(f"not arithmetic: {ast.dump(node)}")
+
+
+def parse_arithmetic(expr: str) -> ast.expr | None:
+    """Parse ``expr`` as arithmetic with at least one binary operator, or return None.
+
+    Only numbers, ``+ - * /``, unary signs and parentheses are accepted; nothing is executed.
+    """
+    if len(expr) > _MAX_EXPR_CHARS:
+        return None
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    nodes = list(ast.walk(tree))
+    allowed = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.UAdd, ast.USub)
+    if not all(isinstance(n, allowed) for n in nodes) or not any(isinstance(n, ast.BinOp) for n in nodes):
+        return None
+    if any(isinstance(n, ast.Constant) and type(n.value) not in (int, float) for n in nodes):
+        return None
+    return tree
+
+
+def _longest_arithmetic_suffix(lhs: str) -> ast.expr | None:
+    """The longest suffix of ``lhs`` (starting at a token) that parses as arithmetic.
+
+    Text before an equation often leaks into the left-hand side ("(so 2) 3 + 4"), so the
+    equation is taken to start at the earliest position that yields a valid expression.
+    """
+    lhs = lhs[-_MAX_EXPR_CHARS:]
+    for start in range(len(lhs)):
+        if start and (lhs[start - 1].isdigit() or lhs[start - 1] == "." or lhs[start] not in "(-+0123456789"):
+            continue  # not the start of a token
+        tree = parse_arithmetic(lhs[start:])
+        if tree is not None:
+            return tree
+    return None
+
+
+def _matches(value: Fraction, stated: str) -> bool:
+    """True if ``stated`` equals ``value`` exactly, or is ``value`` rounded to the decimals written."""
+    target = Fraction(stated)
+    if value == target:
+        return True
+    decimals = len(stated.partition(".")[2])
+    return decimals > 0 and abs(value - target) <= Fraction(1, 2 * 10**decimals)
+
+
+def extract_final_answer(completion: str) -> Fraction | None:
+    """The number after the last ``####`` (``$`` and thousands commas ignored), or None."""
+    found = _FINAL_RE.findall(_normalize(completion))
+    return Fraction(found[-1]) if found else None
+
+
+def check_equations(completion: str) -> tuple[int, int]:
+    """Verify every arithmetic equation in ``completion``; return ``(n_steps, n_wrong_steps)``.
+
+    Steps are the ``<<expr=value>>`` annotations and the plain-text equations ``expr = number``
+    whose ``expr`` has at least one binary operator. An equation written both as text and as an
+    annotation ("48/2 = <<48/2=24>>24") counts once. A step is right if ``value`` is ``expr``
+    evaluated exactly, or rounded to the decimals written; division by zero is wrong.
+    """
+    annotated: Counter[tuple[str, str]] = Counter()
+    trees: dict[tuple[str, str], ast.expr | None] = {}
+    for body in _ANNOTATION_RE.findall(completion):
+        lhs, _, rhs = _normalize(body).rpartition("=")
+        tree = parse_arithmetic(lhs)
+        if tree is None:
+            continue
+        key = (ast.dump(tree), rhs.strip())
+        annotated[key] += 1
+        trees[key] = tree
+    plain: Counter[tuple[str, str]] = Counter()
+    for match in _EQUATION_RE.finditer(_normalize(_ANNOTATION_RE.sub("", completion))):
+        tree = _longest_arithmetic_suffix(match.group(1))
+        if tree is None:
+            continue
+        key = (ast.dump(tree), match.group(2))
+        plain[key] += 1
+        trees[key] = tree
+    steps = annotated | plain  # multiset union: an equation present in both counts max(#a, #p) times
+    n_wrong = 0
+    for key, count in steps.items():
+        try:
+            right = _matches(_eval_node(trees[key]), key[1])
+        except (ValueError, ZeroDivisionError, ArithmeticError):
+            right = False
+        n_wrong += 0 if right else count
+    return sum(steps.values()), n_wrong
+
+
+# --------------------------------------------------------------------------- task interface
+
+
+class Task(ABC):
+    """A reasoning task: splits of :class:`Example`, a chat prompt, and checkers.
+
+    Subclasses implement :meth:`split`. Checkers default to the GSM8K answer format.
+    """
+
+    name: str
+    system_prompt: str = SYSTEM_PROMPT
+
+    @abstractmethod
+    def split(self, which: Split) -> list[Example]:
+        """The examples of split ``which`` ("train", "validation" or "eval")."""
+
+    def messages(self, example: Example) -> list[dict[str, str]]:
+        """Chat messages (system + user question) for ``example``."""
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": example.question}]
+
+    def prompt(self, example: Example, tokenizer) -> str:
+        """Prompt text: :meth:`messages` rendered by ``tokenizer``'s chat template, ready for the reply."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("tokenizer has no chat_template; set tokenizer.chat_template first")
+        return tokenizer.apply_chat_template(self.messages(example), add_generation_prompt=True, tokenize=False)
+
+    def check_answer(self, completion: str, example: Example) -> bool:
+        """True iff the completion's final answer (after ``####``) equals the gold one. Never raises."""
+        try:
+            predicted = extract_final_answer(completion)
+            return predicted is not None and predicted == extract_final_answer(example.answer)
+        except Exception as err:  # a checker bug must not stop training: count as wrong
+            warnings.warn(f"{self.name}.check_answer failed ({err!r}); counted as wrong", RuntimeWarning)
+            return False
+
+    def check_steps(self, completion: str) -> tuple[int, int]:
+        """``(n_steps, n_wrong_steps)`` of the completion's equations (see :func:`check_equations`).
+
+        Never raises: a checker error counts as one wrong step, ``(1, 1)``.
+        """
+        try:
+            return check_equations(completion)
+        except Exception as err:
+            warnings.warn(f"{self.name}.check_steps failed ({err!r}); counted as one wrong step", RuntimeWarning)
+            return 1, 1
+
+
+# --------------------------------------------------------------------------- gsm8k
+
+
+def read_gsm8k_jsonl(path: str | Path) -> list[Example]:
+    """Read a JSONL file (``.gz`` allowed) of ``{"question": str, "answer": str}`` lines.
+
+    An answer must end in GSM8K format (``#### <number>``). Blank lines are ignored; malformed
+    lines are skipped and reported in one warning naming their line numbers. Raises ValueError
+    if no valid example remains.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    examples: list[Example] = []
+    bad: list[str] = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(f"{number} (invalid JSON)")
+                continue
+            question = record.get("question") if isinstance(record, dict) else None
+            answer = record.get("answer") if isinstance(record, dict) else None
+            if not (isinstance(question, str) and question.strip() and isinstance(answer, str)):
+                bad.append(f"{number} (needs string 'question' and 'answer')")
+            elif extract_final_answer(answer) is None:
+                bad.append(f"{number} (answer lacks '#### <number>')")
+            else:
+                examples.append(Example(question, answer))
+    if bad:
+        shown = ", ".join(bad[:20]) + (", ..." if len(bad) > 20 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): line {shown}", UserWarning, stacklevel=2)
+    if not examples:
+        raise ValueError(f"path: {str(path)!r} holds no valid GSM8K example")
+    return examples
+
+
+class GSM8K(Task):
+    """GSM8K word problems.
+
+    ``train`` and ``validation`` come from ``train_path`` (default: the bundled OpenAI train
+    split, 7473 problems): ``val_size`` problems are held out by a shuffle with ``seed``.
+    ``eval`` reads ``eval_path`` (e.g. GSM8K's ``test.jsonl``, not bundled).
+    """
+
+    name = "gsm8k"
+
+    def __init__(self, train_path: str | Path | None = None, eval_path: str | Path | None = None,
+                 val_size: int = 1000, seed: int = 0):
+        if val_size < 1:
+            raise ValueError(f"val_size must be >= 1, got {val_size}")
+        if train_path is None:
+            resource = importlib.resources.files("ippo.train") / "data" / "gsm8k" / "train.jsonl.gz"
+            with importlib.resources.as_file(resource) as bundled:
+                examples = read_gsm8k_jsonl(bundled)
+        else:
+            examples = read_gsm8k_jsonl(train_path)
+        if val_size >= len(examples):
+            raise ValueError(f"val_size={val_size} must be smaller than the {len(examples)} training examples")
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        self._validation = [examples[i] for i in order[:val_size]]
+        self._train = [examples[i] for i in sorted(order[val_size:])]
+        self._eval = None if eval_path is None else read_gsm8k_jsonl(eval_path)
+
+    def split(self, which: Split) -> list[Example]:
+        if which == "train":
+            return self._train
+        if which == "validation":
+            return self._validation
+        if which == "eval":
+            if self._eval is None:
+                raise ValueError("eval_path: gsm8k has no bundled eval split; pass eval_path (e.g. GSM8K test.jsonl)")
+            return self._eval
+        raise ValueError(f"which must be one of {SPLITS}, got {which!r}")
+
+
+# --------------------------------------------------------------------------- arith
+
+_OPS = ("+", "-", "*")
+
+
+class Arith(Task):
+    """Multi-step integer arithmetic, generated from ``seed``.
+
+    A problem applies ``n_steps`` operations (``+ - *``, operands of ``digits`` digits) left to
+    right, e.g. ``((12 + 7) * 3) - 5``. The gold solution has one line per step, each a
+    checkable equation on the previous result, then the final line::
+
+        12 + 7 = 19
+        19 * 3 = 57
+        57 - 5 = 52
+        #### 52
+
+    Splits are disjoint: no validation or eval question also appears in train or in each other.
+    """
+
+    name = "arith"
+
+    def __init__(self, n_steps: int = 3, digits: int = 2, seed: int = 0,
+                 sizes: tuple[int, int, int] = (10000, 1000, 1000)):
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if digits < 1:
+            raise ValueError(f"digits must be >= 1, got {digits}")
+        if len(sizes) != 3 or min(sizes) < 1:
+            raise ValueError(f"sizes must be three positive (train, validation, eval) counts, got {sizes}")
+        self.n_steps, self.digits, self.seed = n_steps, digits, seed
+        seen: set[str] = set()
+        self._splits = {which: self._generate(which, size, seen) for which, size in zip(SPLITS, sizes)}
+
+    def _generate(self, which: str, size: int, seen: set[str]) -> list[Example]:
+        """``size`` problems with questions not in ``seen`` (which is updated)."""
+        rng = random.Random(f"arith:{self.seed}:{self.n_steps}:{self.digits}:{which}")
+        examples: list[Example] = []
+        for _ in range(20 * size + 1000):
+            example = self._problem(rng)
+            if example.question not in seen:
+                seen.add(example.question)
+                examples.append(example)
+                if len(examples) == size:
+                    return examples
+        raise ValueError(f"sizes: cannot draw {size} distinct {which} problems with n_steps={self.n_steps}, "
+                         f"digits={self.digits}; raise n_steps or digits, or lower sizes")
+
+    def _problem(self, rng: random.Random) -> Example:
+        low = 0 if self.digits == 1 else 10 ** (self.digits - 1)
+        high = 10**self.digits - 1
+        value = rng.randint(low, high)
+        expression, lines = str(value), []
+        for step in range(self.n_steps):
+            op, operand = rng.choice(_OPS), rng.randint(low, high)
+            result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
+            lines.append(f"{value} {op} {operand} = {result}")
+            expression = f"({expression}) {op} {operand}" if step else f"{expression} {op} {operand}"
+            value = result
+        lines.append(f"#### {value}")
+        return Example(f"Compute {expression}.", "\n".join(lines))
+
+    def split(self, which: Split) -> list[Example]:
+        if which not in self._splits:
+            raise ValueError(f"which must be one of {SPLITS}, got {which!r}")
+        return self._splits[which]
+
+
+TASKS: dict[str, type[Task]] = {"gsm8k": GSM8K, "arith": Arith}
+
+
+def make_task(name: str, **kwargs) -> Task:
+    """The task called ``name`` ("gsm8k" or "arith"), built with ``kwargs``."""
+    if name not in TASKS:
+        raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](**kwargs)
