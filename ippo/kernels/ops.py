@@ -82,7 +82,7 @@ def segment_sum(token_values: torch.Tensor, segment_ids: torch.Tensor, num_segme
     so a NaN on a padding token or in one episode never reaches another episode."""
     buf = torch.zeros(num_segments + 1, dtype=torch.float64, device=token_values.device)
     buf.index_add_(0, segment_ids.long() + 1, token_values.to(torch.float64))
-    return buf[1:].to(token_values.dtype)
+    return buf[1:].to(token_values.dtype, copy=True)
 
 
 def segment_outer_sum(a: torch.Tensor, b: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -49,16 +49,19 @@ class Example:
 
 # --------------------------------------------------------------------------- numbers and equations
 
-_NUMBER = r"-?\d+(?:\.\d+)?"
+_NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
 _FINAL_RE = re.compile(rf"####\s*({_NUMBER})")
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 # Thousands separators: "1,000" -> "1000" (a comma not followed by exactly 3 digits is punctuation).
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # "3 x 4", "3×4" -> "3*4" (only between operands, so words containing "x" are untouched).
-_TIMES_RE = re.compile(r"(?<=[\d)])\s*[x×X]\s*(?=[\d(])")
-# An equation "lhs = rhs": lhs is a run of arithmetic characters, rhs a number. The rhs is
-# in a lookahead so that a chain "3 + 4 = 7 + 2 = 9" yields both "3 + 4 = 7" and "7 + 2 = 9".
-_EQUATION_RE = re.compile(rf"([\d.()+\-*/ \t]*[\d)][ \t)]*)=(?=[ \t]*({_NUMBER}))")
+_TIMES_RE = re.compile(r"(?<=[\d)])\s*[x×X]\s*(?=[\d(.])")
+# An equation "lhs = rhs", both sides maximal runs of arithmetic characters (a "." only before a
+# digit, so a sentence's full stop ends a run). The rhs is in a lookahead so that a chain
+# "a = b = c" yields both "a = b" and "b = c".
+_ARITH = r"(?:[\d()+\-*/ \t]|\.(?=\d))"
+_RUN_START = r"(?:(?<![\d()+\-*/ \t.])|(?<=\.)(?!\d))"
+_EQUATION_RE = re.compile(rf"{_RUN_START}({_ARITH}*[\d)][ \t)]*)=(?=({_ARITH}*))")
 _MAX_EXPR_CHARS = 200
 
 
@@ -89,9 +92,9 @@ def _eval_node(node: ast.AST) -> Fraction:
 
 
 def parse_arithmetic(expr: str) -> ast.expr | None:
-    """Parse ``expr`` as arithmetic with at least one binary operator, or return None.
+    """Parse ``expr`` as arithmetic (numbers, ``+ - * /``, unary signs, parentheses) or return None.
 
-    Only numbers, ``+ - * /``, unary signs and parentheses are accepted; nothing is executed.
+    Only the syntax tree is built; nothing is executed.
     """
     if len(expr) > _MAX_EXPR_CHARS:
         return None
@@ -101,36 +104,64 @@ def parse_arithmetic(expr: str) -> ast.expr | None:
         return None
     nodes = list(ast.walk(tree))
     allowed = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.UAdd, ast.USub)
-    if not all(isinstance(n, allowed) for n in nodes) or not any(isinstance(n, ast.BinOp) for n in nodes):
+    if not all(isinstance(n, allowed) for n in nodes):
         return None
     if any(isinstance(n, ast.Constant) and type(n.value) not in (int, float) for n in nodes):
         return None
     return tree
 
 
-def _longest_arithmetic_suffix(lhs: str) -> ast.expr | None:
-    """The longest suffix of ``lhs`` (starting at a token) that parses as arithmetic.
+def _has_operator(tree: ast.expr) -> bool:
+    return any(isinstance(node, ast.BinOp) for node in ast.walk(tree))
 
-    Text before an equation often leaks into the left-hand side ("(so 2) 3 + 4"), so the
-    equation is taken to start at the earliest position that yields a valid expression.
+
+def _mirror(side: str) -> str:
+    return side[::-1].translate(str.maketrans("()", ")("))
+
+
+def _trim_lhs(side: str) -> str | None:
+    """The expression in the left side of a text equation, or None if it is not a whole one.
+
+    Prose leaks into the matched run: an unmatched ")" ("(so 2) 3 + 4 =") or "(" ("(3 + 4 =")
+    is cut off. A run that starts with a binary operator continues a word ("M + 4 =", "p/2 =").
     """
-    lhs = lhs[-_MAX_EXPR_CHARS:]
-    for start in range(len(lhs)):
-        if start and (lhs[start - 1].isdigit() or lhs[start - 1] == "." or lhs[start] not in "(-+0123456789"):
-            continue  # not the start of a token
-        tree = parse_arithmetic(lhs[start:])
-        if tree is not None:
-            return tree
-    return None
+    depth = 0
+    for i, char in enumerate(side):
+        depth += 1 if char == "(" else -1 if char == ")" else 0
+        if depth < 0:
+            side, depth = side[i + 1:], 0  # cannot be hit again: what follows is balanced or open
+            break
+    side = side.strip()
+    while side.startswith("(") and side.count("(") > side.count(")"):
+        side = side[1:].lstrip()
+    if not side or side[0] in "+*/" or re.match(r"-\s", side):
+        return None
+    return side
 
 
-def _matches(value: Fraction, stated: str) -> bool:
-    """True if ``stated`` equals ``value`` exactly, or is ``value`` rounded to the decimals written."""
-    target = Fraction(stated)
+def _equation_sides(text: str, match: re.Match) -> tuple[str | None, str | None]:
+    """The ``(lhs, rhs)`` expressions of an equation match, None for a side that is not one.
+
+    A side whose number touches a word or a clock time ("6:00+48=6:48", "= 5x") is not arithmetic. The
+    right side is trimmed as the mirror image of a left side ("= 16 + x" ends in an operator).
+    """
+    lhs, rhs = match.group(1), match.group(2)
+    before, after = text[match.start() - 1:match.start()], text[match.end() + len(rhs):][:1]
+    glued_left = re.fullmatch(r"[\w:]", before) and re.match(r"[\d.]", lhs)
+    glued_right = re.fullmatch(r"[\w:]", after) and re.search(r"[\d.]$", rhs)
+    rhs = _trim_lhs(_mirror(rhs))
+    return None if glued_left else _trim_lhs(lhs), None if glued_right or rhs is None else _mirror(rhs)
+
+
+def _matches(value: Fraction, stated: ast.expr) -> bool:
+    """True if ``stated`` evaluates to ``value``, or is a number: ``value`` rounded to its decimals."""
+    target = _eval_node(stated)
     if value == target:
         return True
-    decimals = len(stated.partition(".")[2])
-    return decimals > 0 and abs(value - target) <= Fraction(1, 2 * 10**decimals)
+    if not isinstance(stated, ast.Constant) or not isinstance(stated.value, float):
+        return False
+    decimals = len(repr(stated.value).partition(".")[2])
+    return abs(value - target) <= Fraction(1, 2 * 10**decimals)
 
 
 def extract_final_answer(completion: str) -> Fraction | None:
@@ -139,41 +170,49 @@ def extract_final_answer(completion: str) -> Fraction | None:
     return Fraction(found[-1]) if found else None
 
 
-def check_equations(completion: str) -> tuple[int, int]:
-    """Verify every arithmetic equation in ``completion``; return ``(n_steps, n_wrong_steps)``.
+def find_equations(completion: str) -> Counter[tuple[ast.expr, ast.expr]]:
+    """The arithmetic steps of ``completion``: a multiset of ``(lhs AST, rhs AST)``.
 
-    Steps are the ``<<expr=value>>`` annotations and the plain-text equations ``expr = number``
-    whose ``expr`` has at least one binary operator. An equation written both as text and as an
-    annotation ("48/2 = <<48/2=24>>24") counts once. A step is right if ``value`` is ``expr``
-    evaluated exactly, or rounded to the decimals written; division by zero is wrong.
+    Steps are the ``<<lhs=rhs>>`` annotations and the text equations ``lhs = rhs`` whose ``lhs``
+    has a binary operator (a chain ``a = b = c`` gives ``a = b`` and ``b = c``). An equation
+    written both as text and as an annotation ("48/2 = <<48/2=24>>24") counts once.
     """
-    annotated: Counter[tuple[str, str]] = Counter()
-    trees: dict[tuple[str, str], ast.expr | None] = {}
-    for body in _ANNOTATION_RE.findall(completion):
-        lhs, _, rhs = _normalize(body).rpartition("=")
-        tree = parse_arithmetic(lhs)
-        if tree is None:
-            continue
-        key = (ast.dump(tree), rhs.strip())
-        annotated[key] += 1
-        trees[key] = tree
-    plain: Counter[tuple[str, str]] = Counter()
-    for match in _EQUATION_RE.finditer(_normalize(_ANNOTATION_RE.sub("", completion))):
-        tree = _longest_arithmetic_suffix(match.group(1))
-        if tree is None:
-            continue
-        key = (ast.dump(tree), match.group(2))
-        plain[key] += 1
-        trees[key] = tree
-    steps = annotated | plain  # multiset union: an equation present in both counts max(#a, #p) times
-    n_wrong = 0
-    for key, count in steps.items():
+    trees: dict[str, ast.expr] = {}
+
+    def collect(pairs) -> Counter[tuple[str, str]]:
+        found: Counter[tuple[str, str]] = Counter()
+        for lhs, rhs in pairs:
+            lhs = None if lhs is None else parse_arithmetic(lhs)
+            rhs = None if rhs is None else parse_arithmetic(rhs)
+            if lhs is not None and rhs is not None and _has_operator(lhs):
+                key = ast.dump(lhs), ast.dump(rhs)
+                trees.update(zip(key, (lhs, rhs)))
+                found[key] += 1
+        return found
+
+    annotations = (_normalize(body).rpartition("=")[::2] for body in _ANNOTATION_RE.findall(completion))
+    text = _normalize(_ANNOTATION_RE.sub("", completion))
+    equations = (_equation_sides(text, match) for match in _EQUATION_RE.finditer(text))
+    steps = collect(annotations) | collect(equations)  # multiset union: max of the two counts
+    return Counter({(trees[lhs], trees[rhs]): count for (lhs, rhs), count in steps.items()})
+
+
+def check_equations(completion: str) -> tuple[int, int]:
+    """Verify the steps of :func:`find_equations`; return ``(n_steps, n_wrong_steps)``.
+
+    A step is right if both sides have the same exact value, or if the right side is a decimal
+    number equal to the left side rounded to that many decimals ("10/3 = 3.33"). A division
+    by zero is wrong.
+    """
+    n_steps = n_wrong = 0
+    for (lhs, rhs), count in find_equations(completion).items():
         try:
-            right = _matches(_eval_node(trees[key]), key[1])
-        except (ValueError, ZeroDivisionError, ArithmeticError):
+            right = _matches(_eval_node(lhs), rhs)
+        except (ValueError, ArithmeticError):
             right = False
+        n_steps += count
         n_wrong += 0 if right else count
-    return sum(steps.values()), n_wrong
+    return n_steps, n_wrong
 
 
 # --------------------------------------------------------------------------- task interface

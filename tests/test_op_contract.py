@@ -1,0 +1,93 @@
+"""torch.library registration (opcheck, torch.compile), backend selection, and clear errors for bad input."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
+from ippo.kernels.backends import select_backend
+from test_influence_op import random_inputs
+
+
+def op_inputs(dtype=torch.float32, n=33, d_in=20, d_out=12, r=3, episodes=4):
+    args, segment_ids = random_inputs(n, d_in, d_out, r, episodes, dtype, torch.Generator().manual_seed(1))
+    return args, segment_ids, episodes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck(backend, dtype):
+    args, segment_ids, episodes = op_inputs(dtype)
+    torch.library.opcheck(torch.ops.ippo.influence_scores.default,
+                          (*args.values(), segment_ids, episodes, 0.5))
+    sketch_args = [args[k] for k in ("x", "h", "grad_y", "grad_h")]
+    torch.library.opcheck(torch.ops.ippo.gradient_sketches.default,
+                          (*sketch_args, segment_ids, episodes, 12, 7, 2, 0.5))
+
+
+def test_torch_compile_fullgraph(backend):
+    args, segment_ids, episodes = op_inputs()
+    compiled = torch.compile(influence_scores, backend="aot_eager", fullgraph=True)
+    expected = influence_scores(**args, segment_ids=segment_ids, num_segments=episodes)
+    torch.testing.assert_close(compiled(**args, segment_ids=segment_ids, num_segments=episodes), expected)
+
+
+def test_backend_env_var(monkeypatch):
+    monkeypatch.setenv("IPPO_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="IPPO_BACKEND must be one of auto, torch, triton, cuda; got 'fastest'"):
+        select_backend(torch.device("cpu"))
+    monkeypatch.setenv("IPPO_BACKEND", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="IPPO_BACKEND=cuda cannot run on cpu tensors"):
+            select_backend(torch.device("cpu"))
+    monkeypatch.delenv("IPPO_BACKEND")
+    assert select_backend(torch.device("cpu"))[0] == "torch"
+
+
+def test_named_triton_without_interpreter_raises_on_cpu(monkeypatch):
+    monkeypatch.setenv("IPPO_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        select_backend(torch.device("cpu"))
+
+
+def bad_inputs():
+    """(description, kwargs overrides, expected message fragment) for influence_scores."""
+    args, segment_ids, episodes = op_inputs()
+    n = segment_ids.shape[0]
+    return [
+        ("h rank differs", dict(h=args["h"][:, :2]), r"grad_h has shape \(33, 3\), i\.e\. r=3, but h \(33, 2\) has r=2"),
+        ("x 1-D", dict(x=args["x"][:, 0]), r"x must be 2-D with shape \(N, d_in\); got shape \(33,\)"),
+        ("val_A d_in", dict(val_A=args["val_A"][:, :5]), r"val_A has shape \(3, 5\), i\.e\. d_in=5, but x \(33, 20\) has d_in=20"),
+        ("val_B d_out", dict(val_B=args["val_B"][:7]), r"val_B has shape \(7, 3\), i\.e\. d_out=7"),
+        ("short ids", dict(segment_ids=segment_ids[:-1]), r"segment_ids has shape \(32,\), i\.e\. N=32"),
+        ("int x", dict(x=args["x"].long()), r"x must be float16, bfloat16, float32 or float64; got torch.int64"),
+        ("float ids", dict(segment_ids=segment_ids.float()), r"segment_ids must be int32 or int64; got torch.float32"),
+        ("id too big", dict(segment_ids=torch.full((n,), episodes, device=DEVICE)),
+         r"segment_ids must lie in \[-1, num_segments\) = \[-1, 4\); got values in \[4, 4\]"),
+        ("id -2", dict(segment_ids=torch.full((n,), -2, device=DEVICE)), r"got values in \[-2, -2\]"),
+        ("negative count", dict(num_segments=-1), r"num_segments must be a non-negative int; got -1"),
+        ("nan scaling", dict(scaling=float("nan")), r"scaling must be a finite number; got nan"),
+        ("list", dict(val_A=[[1.0]]), r"val_A must be a torch.Tensor; got list"),
+        ("device", dict(val_B=args["val_B"].to("meta")), r"all tensors must be on one device; got .*val_B on meta"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_names_the_argument(case):
+    _, overrides, message = case
+    args, segment_ids, episodes = op_inputs()
+    kwargs = dict(args, segment_ids=segment_ids, num_segments=episodes, scaling=1.0)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        influence_scores(**kwargs)
+
+
+def test_sketch_bad_input():
+    args, segment_ids, episodes = op_inputs(r=3)
+    sketch_args = {k: args[k] for k in ("x", "h", "grad_y", "grad_h")}
+    with pytest.raises(ValueError, match=r"k must be a positive multiple of 2 \* r = 6; got 10"):
+        gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=10)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\); got -1"):
+        gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=12, seed=-1)
+    with pytest.raises(ValueError, match=r"grad_B has shape \(12, 2\), i\.e\. r=2, but grad_A \(3, 20\) has r=3"):
+        sketch_lora_gradient(args["val_A"], args["val_B"][:, :2], k=12)
