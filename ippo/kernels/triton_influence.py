@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
+BLOCK_N = 32  # 32 tokens a program: enough programs to fill an H100 at 8K tokens
 BLOCK_K = 64
 
 
