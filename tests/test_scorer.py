@@ -185,3 +185,21 @@ def test_bad_input():
     assert "forward" not in vars(model.base_model.model.model.layers[0].self_attn.q_proj)  # restored on error
     with pytest.raises(ValueError, match="model has no peft LoRA Linear layers"):
         InfluenceScorer(torch.nn.Linear(3, 3), {}, segment_ids)
+
+
+def test_autocast_bf16_matches_eager_error(backend):
+    """fp32 weights under bf16 autocast: the LoRA branch runs in bf16 like peft's; error as eager's."""
+    model = tiny_llama()
+    val_grads = val_grads_of(model)
+    episodes = random_episodes(LENGTHS)
+    reference = per_episode_loop(model, episodes, val_grads)
+    model = model.float()
+    val32 = {name: type(v)(v.A.float(), v.B.float()) for name, v in val_grads.items()}
+    *inputs, segment_ids = batch(episodes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = per_episode_loop(model, episodes, val32)
+        scores = scored_backward(model, val32, *inputs, segment_ids, len(episodes))
+    our_error = (scores.double() - reference).abs().max().item()
+    eager_error = (eager - reference).abs().max().item()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    assert our_error <= 2 * eager_error + 1e-6 * reference.abs().max().item(), (our_error, eager_error)
