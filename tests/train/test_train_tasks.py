@@ -107,6 +107,7 @@ def test_check_answer(gsm8k):
     ("10/3 = 3.33 and 10/3 = 3", (2, 1)),             # rounding only to the decimals written
     ("1 - (1/2) = 1/2; (3+4)*2 = 14", (2, 0)),
     ("(3+4 = 7) and (so 2) 5*5 = 25 (ok)", (2, 0)),   # prose parentheses are cut off
+    ("1) 2) 3*3 = 9", (1, 0)),                        # cut after the last unmatched ")"
     ("4080 + 4080/2 = 4000 + 2040 = 6040", (2, 1)),   # a chain gives one step per '='
     ("-6 * 3 = -18\n-18 + 4 = -14", (2, 0)),
     ("1/0 = 5", (1, 1)),
