@@ -1,7 +1,9 @@
-"""Shared set-up for the benchmarks: Llama-shaped random-init models with peft LoRA, and a results table.
+"""Benchmark set-up: Llama-shaped random-init models with peft LoRA r on all projections, and the results file.
 
-Every ratio is taken against the plain forward+backward measured in the same session, on the same device.
-Results are printed at the end and written to benchmarks/results/<device>.json.
+Configurations are chosen by device: small ones on CPU; on CUDA the SmolLM2-135M and Qwen2.5-1.5B shapes
+and sweeps over T, B and r (bf16). Every ratio is against the plain forward+backward measured in the same
+session on the same device. Results go to benchmarks/results/<device>.json (or $IPPO_BENCH_OUT/), and
+``python benchmarks/report.py`` turns them into a table and plots.
 """
 
 from __future__ import annotations
@@ -9,53 +11,94 @@ from __future__ import annotations
 import json
 import os
 import platform
+from datetime import date
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-
-RESULTS: dict[str, dict] = {}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+os.environ.setdefault("TRITON_INTERPRET", "0" if DEVICE == "cuda" else "1")
 
-# name: (hidden, intermediate, layers, heads, kv heads, vocab, batch B, tokens T, dtype)
-SHAPES = {
-    "cpu-tiny": (128, 344, 2, 4, 2, 1024, 8, 64, torch.float32),
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, 16, 512, torch.bfloat16),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, 16, 512, torch.bfloat16),
+from transformers import LlamaConfig  # noqa: E402
+
+from ippo.demo import episode_losses, lora_llama  # noqa: E402
+from ippo.kernels import validation_gradients  # noqa: E402
+
+# model shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
+MODELS = {
+    "cpu-small": (128, 344, 2, 4, 2, 1024),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
 }
+# configuration name: (model, episodes B, tokens T, LoRA rank r)
+if DEVICE == "cuda":
+    CONFIGS = {"smollm2-135m B16 T512": ("smollm2-135m", 16, 512, 16),
+               "qwen2.5-1.5b B16 T512": ("qwen2.5-1.5b", 16, 512, 16),
+               "smollm2-135m B64 T512": ("smollm2-135m", 64, 512, 16),
+               "qwen2.5-1.5b B64 T512": ("qwen2.5-1.5b", 64, 512, 16)}
+    CONFIGS.update({f"smollm2-135m B8 T{t}": ("smollm2-135m", 8, t, 16) for t in (256, 1024, 2048, 4096)})
+    CONFIGS.update({f"smollm2-135m B16 T512 r{r}": ("smollm2-135m", 16, 512, r) for r in (8, 64)})
+    DTYPE = torch.bfloat16
+else:
+    CONFIGS = {f"cpu-small B8 T{t}": ("cpu-small", 8, t, 16) for t in (32, 64, 128)}
+    DTYPE = torch.float32
+RESULTS: dict[str, dict] = {}
+_SETUPS: dict[str, tuple] = {}
 
 
-def shapes_for_device() -> list[str]:
-    return ["smollm2-135m", "qwen2.5-1.5b"] if DEVICE == "cuda" else ["cpu-tiny"]
+def setup(config: str):
+    """(model, batch, val_grads) for a configuration, cached: one model at a time stays in memory."""
+    if config not in _SETUPS:
+        _SETUPS.clear()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        name, episodes, tokens, rank = CONFIGS[config]
+        hidden, inter, layers, heads, kv, vocab = MODELS[name]
+        torch.manual_seed(0)
+        model = lora_llama(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                       max_position_embeddings=tokens), rank, DEVICE, DTYPE)
+        input_ids = torch.randint(0, vocab, (episodes, tokens), device=DEVICE)
+        advantages = torch.randn(episodes, device=DEVICE)
+        val_ids = input_ids[:2].roll(1, dims=1)
+        val_loss = -episode_losses(model, val_ids, torch.ones_like(val_ids), torch.ones(2, device=DEVICE)).mean()
+        _SETUPS[config] = (model, (input_ids, advantages), validation_gradients(model, val_loss))
+        RESULTS.setdefault(config, {"model": name, "episodes": episodes, "tokens": tokens, "rank": rank,
+                                    "dtype": str(DTYPE), "methods": {}})
+    return _SETUPS[config]
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def record(shape: str, method: str, benchmark, **extra) -> None:
-    RESULTS.setdefault(shape, {})[method] = {"median_s": benchmark.stats.stats.median, **extra}
+def versions() -> dict:
+    import transformers
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "cuda": torch.version.cuda}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    return versions
 
 
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
-    write = terminalreporter.write_line
-    write(f"\ninfluence overhead on {device_name()}, torch {torch.__version__} (ratios vs plain fwd+bwd, same run)")
-    for shape, methods in RESULTS.items():
-        plain = methods.get("plain", {}).get("median_s")
-        for method, row in methods.items():
-            ratio = f"{row['median_s'] / plain:7.3f}x" if plain else "   n/a"
-            memory = f"{row['peak_mem_ratio']:.3f}x mem" if "peak_mem_ratio" in row else ""
-            write(f"  {shape:14s} {method:22s} {row['median_s'] * 1e3:10.2f} ms {ratio} {memory}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    payload = {"device": device_name(), "torch": torch.__version__, "results": RESULTS}
-    (out / f"{DEVICE}.json").write_text(json.dumps(payload, indent=2))
+    out = Path(os.environ.get("IPPO_BENCH_OUT", Path(__file__).parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{DEVICE}.json"
+    payload = {"device": device_name(), "date": date.today().isoformat(), "versions": versions(), "configs": RESULTS}
+    path.write_text(json.dumps(payload, indent=2))
+    from report import markdown_table
+
+    terminalreporter.write_line("\n" + markdown_table(payload))
+    terminalreporter.write_line(f"results written to {path}")
 
 
-@pytest.fixture(scope="session")
-def results():
-    return RESULTS
+@pytest.fixture(params=list(CONFIGS))
+def config(request):
+    return request.param

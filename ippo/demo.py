@@ -12,22 +12,20 @@ import argparse
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ippo.kernels import InfluenceScorer, validation_gradients
 from ippo.kernels.backends import select_backend
+from ippo.train.model import add_lora
 
 
-def build_model(hidden: int, layers: int, vocab: int, rank: int, device: str) -> torch.nn.Module:
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 192),
-                         vocab_size=vocab, max_position_embeddings=4096)
-    model = get_peft_model(LlamaForCausalLM(config).to(device), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj"]))
-    with torch.no_grad():  # peft starts lora_B at zero; a trained adapter is not
+def lora_llama(config: LlamaConfig, rank: int, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Random-init Llama of ``config`` with peft LoRA (rank, alpha = 2 rank) on every projection; lora_B
+    is drawn N(0, 0.02) instead of peft's zeros, as after some training (else every dl/dA is zero)."""
+    with torch.device(device):  # initialize in place: a 1.5B model is slow to init on CPU and move
+        model = add_lora(LlamaForCausalLM(config).to(dtype), r=rank, alpha=2 * rank)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
@@ -55,7 +53,10 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     vocab = 2048
-    model = build_model(args.hidden, args.layers, vocab, args.rank, device)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 192),
+                         vocab_size=vocab, max_position_embeddings=args.max_tokens)
+    model = lora_llama(config, args.rank, device)
     lengths = torch.randint(2, args.max_tokens + 1, (args.episodes,))
     input_ids = torch.randint(0, vocab, (args.episodes, args.max_tokens), device=device)
     mask = (torch.arange(args.max_tokens)[None, :] < lengths[:, None]).long().to(device)  # right padding

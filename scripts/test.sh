@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Set up the environment, then run the whole test suite (Triton kernels through its CPU interpreter).
+# Set up the environment, then run the whole test suite (without a GPU, Triton kernels run in its CPU
+# interpreter: tests/conftest.py sets TRITON_INTERPRET=1; tests that need a device say why they skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m ippo.info
-export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
 exec python -m pytest -q tests "$@"

@@ -1,10 +1,12 @@
 import os
 
-# Triton kernels run on CPU tensors through Triton's interpreter; it must be on before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter, which must be on
+# before triton is imported; with one they compile.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from ippo.kernels.backends import unavailable_reason  # noqa: E402
 

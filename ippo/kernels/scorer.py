@@ -32,7 +32,7 @@ class LoRAGrad(NamedTuple):
     B: torch.Tensor
 
 
-def _active_adapter(name: str, layer: LoraLinear) -> str:
+def active_adapter(name: str, layer: LoraLinear) -> str:
     active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
     if len(active) != 1:
         raise ValueError(f"{_OP}: LoRA layer {name} must have exactly one active adapter; got {active}")
@@ -67,7 +67,7 @@ def validation_gradients(model: torch.nn.Module, val_loss: torch.Tensor) -> dict
     layers = lora_linear_layers(model)
     params = []
     for name, layer in layers.items():
-        adapter = _active_adapter(name, layer)
+        adapter = active_adapter(name, layer)
         params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
     grads = torch.autograd.grad(val_loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
@@ -144,7 +144,7 @@ class InfluenceScorer:
                              f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
         self.sites: dict[str, tuple[LoraLinear, str, _Site]] = {}
         for name, layer in layers.items():
-            adapter = _active_adapter(name, layer)
+            adapter = active_adapter(name, layer)
             val = LoRAGrad(*val_grads[name])
             for part, got, weight in (("A", val.A, layer.lora_A[adapter].weight), ("B", val.B, layer.lora_B[adapter].weight)):
                 if not isinstance(got, torch.Tensor) or got.shape != weight.shape:

@@ -1,0 +1,104 @@
+"""Time, peak memory and score error of every way to get per-episode gradient . validation-gradient scores.
+
+Methods (``ippo.baselines``): plain forward+backward (the baseline), InfluenceScorer per backend, the
+per-episode backward loop (published method), torch.func vmap per-sample gradients, eager "reduced ghost"
+hooks, eager LoGra-style projection hooks. Run: ``pytest benchmarks/ --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from conftest import CONFIGS, DEVICE, RESULTS, setup
+from ippo.baselines import METHODS, _losses
+from ippo.demo import lora_llama
+from ippo.kernels import validation_gradients
+from ippo.kernels.backends import unavailable_reason
+
+SCORERS = ["scorer[torch]", "scorer[triton]", "scorer[cuda]"]
+ROUNDS = {"plain": 5, "per-episode loop": 2}
+
+
+def plain(model, batch, val_grads):
+    _losses(model, *batch).sum().backward()
+
+
+def method_fn(method: str, monkeypatch):
+    if method in SCORERS:
+        backend = method[len("scorer["):-1]
+        reason = unavailable_reason(backend, DEVICE)
+        if reason is not None:
+            pytest.skip(f"{backend} backend: {reason}")
+        if backend == "triton" and DEVICE == "cpu":
+            pytest.skip("triton on CPU is its interpreter, for tests; its timings mean nothing")
+        monkeypatch.setenv("IPPO_BACKEND", backend)
+        return METHODS["scorer"]
+    return plain if method == "plain" else METHODS[method]
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def config(request):
+    return request.param
+
+
+@pytest.mark.parametrize("method", ["plain", *SCORERS, "per-episode loop", "vmap per-sample", "ghost hooks",
+                                    "logra hooks"])
+def test_time_and_memory(benchmark, config, method, monkeypatch):
+    fn = method_fn(method, monkeypatch)
+    model, batch, val_grads = setup(config)
+    benchmark.group = config
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        fn(model, batch, val_grads)
+        sync()
+
+    row = RESULTS[config]["methods"].setdefault(method, {})
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        benchmark.pedantic(step, rounds=ROUNDS.get(method, 3), warmup_rounds=1, iterations=1)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        pytest.skip(f"{method} ran out of GPU memory at {config}")
+    row["median_s"] = benchmark.stats.stats.median
+    if DEVICE == "cuda":
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+
+
+def test_score_error_vs_float64_loop(benchmark):
+    """Relative error (max |s - s_ref| / max |s_ref|) of each method against the float64 per-episode loop,
+    at a small size in float64 (exact methods: rounding only) and in the benchmark dtype."""
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=32)
+    model64 = lora_llama(config, 16, DEVICE, torch.float64)
+    batch = (torch.randint(0, 512, (6, 32), device=DEVICE), torch.randn(6, device=DEVICE, dtype=torch.float64))
+    val_ids = torch.randint(0, 512, (2, 32), device=DEVICE)
+    val = validation_gradients(model64, _losses(model64, val_ids, torch.ones(2, device=DEVICE)).sum())
+    reference = METHODS["per-episode loop"](model64, batch, val)
+    low = {"float64": (model64, val)}
+    if DEVICE == "cuda":
+        model_low = lora_llama(config, 16, DEVICE, torch.bfloat16)
+        model_low.load_state_dict(model64.state_dict())
+        low["bfloat16"] = (model_low, {k: type(v)(v.A.bfloat16(), v.B.bfloat16()) for k, v in val.items()})
+
+    def measure():
+        errors = {}
+        for dtype, (model, val_grads) in low.items():
+            for name, fn in METHODS.items():
+                scores = fn(model, (batch[0], batch[1].to(model.dtype)), val_grads).double()
+                errors[f"{name} ({dtype})"] = ((scores - reference).abs().max() / reference.abs().max()).item()
+                model.zero_grad(set_to_none=True)
+        return errors
+
+    RESULTS.setdefault("score error", {})["relative"] = benchmark.pedantic(measure, rounds=1, iterations=1)

@@ -1,0 +1,152 @@
+"""The other ways to get per-episode gradient . validation-gradient scores, for benchmarks and comparison.
+
+Each function scores the episodes of ``batch`` = (input_ids (E, T), advantages (E,)), one episode per
+row, with l_i = ``ippo.demo.episode_losses`` and ``val_grads`` from ``validation_gradients``; it
+returns (E,) float32 scores (float64 for a float64 model) and leaves the LoRA .grad values as the plain
+backward of sum_i l_i sets them (except ``per_episode_loop`` and ``vmap_per_sample``, which take no step).
+
+* ``influence_scorer``: ours, in the plain backward.
+* ``per_episode_loop``: the published prototype: a backward per episode, flattened gradients, a dot product.
+* ``vmap_per_sample``: torch.func per-sample gradients of the LoRA parameters, then dot products.
+* ``ghost_hooks``: eager hooks, "reduced ghost" inner products: per token (x V^T) . grad_out per Linear.
+* ``logra_hooks``: eager hooks, LoGra-style two-sided Gaussian projection (k x k per Linear), then dot
+  products of the sketches (an estimate, not exact).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ippo.demo import episode_losses
+from ippo.kernels import InfluenceScorer
+from ippo.kernels.scorer import active_adapter, lora_linear_layers
+
+
+def lora_pairs(model, val_grads) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
+    """[(lora_A or lora_B Linear, its validation gradient)] over every LoRA layer."""
+    pairs = []
+    for name, layer in lora_linear_layers(model).items():
+        adapter = active_adapter(name, layer)
+        pairs += [(layer.lora_A[adapter], val_grads[name].A), (layer.lora_B[adapter], val_grads[name].B)]
+    return pairs
+
+
+def _losses(model, input_ids, advantages):
+    return episode_losses(model, input_ids, torch.ones_like(input_ids), advantages)
+
+
+def _acc(val_grads) -> torch.dtype:
+    return torch.float64 if next(iter(val_grads.values())).A.dtype == torch.float64 else torch.float32
+
+
+def influence_scorer(model, batch, val_grads):
+    input_ids, advantages = batch
+    segment_ids = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    with InfluenceScorer(model, val_grads, segment_ids) as scorer:
+        _losses(model, input_ids, advantages).sum().backward()
+    return scorer.scores
+
+
+def per_episode_loop(model, batch, val_grads):
+    input_ids, advantages = batch
+    pairs = lora_pairs(model, val_grads)
+    params = [m.weight for m, _ in pairs]
+    flat_val = torch.cat([v.flatten() for _, v in pairs]).to(_acc(val_grads))
+    scores = []
+    for i in range(input_ids.shape[0]):
+        grads = torch.autograd.grad(_losses(model, input_ids[i:i + 1], advantages[i:i + 1]).sum(), params)
+        scores.append(torch.cat([g.flatten() for g in grads]).to(flat_val.dtype) @ flat_val)
+    return torch.stack(scores)
+
+
+def vmap_per_sample(model, batch, val_grads):
+    input_ids, advantages = batch
+    pairs = lora_pairs(model, val_grads)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {names[id(m.weight)]: m.weight.detach() for m, _ in pairs}
+
+    def loss_one(p, ids, adv):
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None]}).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[None, 1:, None])[..., 0]
+        return -adv * logp.sum()
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(params, input_ids, advantages)
+    acc = _acc(val_grads)
+    return sum(per_sample[names[id(m.weight)]].flatten(1).to(acc) @ v.flatten().to(acc) for m, v in pairs)
+
+
+class _Hooks:
+    """Forward hooks keep each Linear's (transformed) input; backward hooks turn it into per-token values."""
+
+    def __init__(self, pairs, on_input, on_grad):
+        self.saved, self.handles = {}, []
+        for module, val in pairs:
+            self.handles.append(module.register_forward_hook(
+                lambda m, inp, out, val=val: self.saved.__setitem__(m, on_input(m, inp[0].reshape(-1, inp[0].shape[-1]), val))))
+            self.handles.append(module.register_full_backward_hook(
+                lambda m, g_in, g_out, val=val: on_grad(m, self.saved.pop(m), g_out[0].reshape(-1, g_out[0].shape[-1]), val)))
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        # The first layers' inputs need no gradient; the hook still gets grad_output, which is all it uses.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self._warnings.__exit__(*exc)
+
+
+def ghost_hooks(model, batch, val_grads):
+    """<dl_i/dW, V> = sum_{t in i} grad_out_t . (V x_t), for W = each lora_A and lora_B weight."""
+    input_ids, advantages = batch
+    acc = _acc(val_grads)
+    token_scores = torch.zeros(input_ids.numel(), dtype=acc, device=input_ids.device)
+
+    def on_input(module, x, val):
+        return x.to(acc) @ val.to(acc).T  # (N, d_out): V x_t, the only thing kept
+
+    def on_grad(module, v_x, grad_out, val):
+        token_scores.add_((v_x * grad_out.to(acc)).sum(-1))
+
+    with _Hooks(lora_pairs(model, val_grads), on_input, on_grad):
+        _losses(model, input_ids, advantages).sum().backward()
+    return token_scores.view(input_ids.shape).sum(1)
+
+
+def logra_hooks(model, batch, val_grads, k: int = 16, seed: int = 0):
+    """LoGra-style: per Linear, Gaussian P_in (k, d_in), P_out (k, d_out) with E[P^T P] = I; per episode
+    S_i = sum_t (P_out g_t)(P_in x_t)^T (k x k); score = sum over Linears of <S_i, P_out V P_in^T>."""
+    input_ids, advantages = batch
+    acc, device = _acc(val_grads), input_ids.device
+    episodes, tokens = input_ids.shape
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    projections = {}
+    for module, _ in lora_pairs(model, val_grads):
+        d_out, d_in = module.weight.shape
+        projections[module] = tuple(torch.randn(k, d, generator=generator, dtype=acc).to(device) / math.sqrt(k)
+                                    for d in (d_in, d_out))
+    scores = torch.zeros(episodes, dtype=acc, device=device)
+
+    def on_input(module, x, val):
+        return x.to(acc) @ projections[module][0].T  # (N, k)
+
+    def on_grad(module, px, grad_out, val):
+        p_in, p_out = projections[module]
+        pg = grad_out.to(acc) @ p_out.T  # (N, k)
+        sketches = torch.einsum("eti,etj->eij", pg.view(episodes, tokens, k), px.view(episodes, tokens, k))
+        scores.add_((sketches * (p_out @ val.to(acc) @ p_in.T)).sum((1, 2)))
+
+    with _Hooks(lora_pairs(model, val_grads), on_input, on_grad):
+        _losses(model, input_ids, advantages).sum().backward()
+    return scores
+
+
+METHODS = {"scorer": influence_scorer, "per-episode loop": per_episode_loop, "vmap per-sample": vmap_per_sample,
+           "ghost hooks": ghost_hooks, "logra hooks": logra_hooks}
