@@ -43,6 +43,12 @@ if DEVICE == "cuda":
 else:
     CONFIGS = {f"cpu-small B8 T{t}": ("cpu-small", 8, t, 16) for t in (32, 64, 128)}
     DTYPE = torch.float32
+if os.environ.get("IPPO_BENCH_CONFIGS"):  # comma-separated subset, e.g. for a rerun with less device time
+    wanted = [c.strip() for c in os.environ["IPPO_BENCH_CONFIGS"].split(",")]
+    unknown = [c for c in wanted if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"IPPO_BENCH_CONFIGS: unknown configurations {unknown}; known: {list(CONFIGS)}")
+    CONFIGS = {c: CONFIGS[c] for c in wanted}
 RESULTS: dict[str, dict] = {}
 _SETUPS: dict[str, tuple] = {}
 

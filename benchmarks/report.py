@@ -35,6 +35,13 @@ def markdown_table(payload: dict) -> str:
         time_text = error or f"{median * 1e3:.1f} ms"
         lines.append(f"| {config} | {method} | {time_text} | {f'{ratio:.3f}' if ratio else '-'} | "
                      f"{f'{memory:.3f}' if memory else '-'} |")
+    bandwidth = payload["configs"].get("kernel bandwidth", {})
+    if "copy_GBps" in bandwidth:
+        copy = bandwidth["copy_GBps"]
+        lines += ["", f"Influence kernel alone, {16 * 512} bf16 tokens; device-to-device copy: {copy:.0f} GB/s",
+                  "", "| backend (d_in, d_out, r) | time | GB/s | fraction of copy |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['seconds'] * 1e6:.1f} us | {row['GBps']:.0f} | {row['GBps'] / copy:.2f} |"
+                  for name, row in bandwidth.items() if name != "copy_GBps"]
     errors = payload["configs"].get("score error", {}).get("relative")
     if errors:
         lines += ["", "| method (dtype) | max relative score error vs float64 loop |", "|---|---|"]

@@ -4,6 +4,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import DEVICE
+
 VOCAB = 50
 
 
@@ -13,7 +15,7 @@ def tiny_llama(lora_dropout=0.0, r=3, alpha=5, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).double()
+    model = LlamaForCausalLM(config).double().to(DEVICE)
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
@@ -36,7 +38,7 @@ def random_episodes(lengths, seed=0):
 
 
 def batch(episodes, padding="right", row_length=None):
-    """(input_ids, attention_mask, position_ids, targets, weights, segment_ids), one episode per row,
+    """(input_ids, attention_mask, position_ids, targets, weights, segment_ids) on DEVICE, one episode per row,
     padded to ``row_length`` on the given side; padding has segment id -1 and weight 0."""
     length = row_length or max(1, max(len(e[0]) for e in episodes))
     rows = len(episodes)
@@ -50,7 +52,7 @@ def batch(episodes, padding="right", row_length=None):
         cols = slice(length - n, length) if padding == "left" else slice(0, n)
         input_ids[i, cols], targets[i, cols], weights[i, cols], segment_ids[i, cols], mask[i, cols] = ids, tgt, w, i, 1
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    return input_ids, mask, position_ids, targets, weights, segment_ids
+    return tuple(t.to(DEVICE) for t in (input_ids, mask, position_ids, targets, weights, segment_ids))
 
 
 def per_token_loss(model, input_ids, mask, position_ids, targets, weights):

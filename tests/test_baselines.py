@@ -3,6 +3,7 @@
 import torch
 from transformers import LlamaConfig
 
+from conftest import DEVICE
 from ippo.baselines import METHODS, _losses
 from ippo.demo import lora_llama
 from ippo.kernels import validation_gradients
@@ -12,9 +13,10 @@ def setup():
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
-    model = lora_llama(config, 3, "cpu", torch.float64)
-    batch = (torch.randint(0, 64, (5, 12)), torch.randn(5, dtype=torch.float64))
-    val_loss = _losses(model, torch.randint(0, 64, (3, 12)), torch.ones(3, dtype=torch.float64)).sum()
+    model = lora_llama(config, 3, DEVICE, torch.float64)
+    batch = (torch.randint(0, 64, (5, 12), device=DEVICE), torch.randn(5, dtype=torch.float64, device=DEVICE))
+    val_loss = _losses(model, torch.randint(0, 64, (3, 12), device=DEVICE),
+                       torch.ones(3, dtype=torch.float64, device=DEVICE)).sum()
     return model, batch, validation_gradients(model, val_loss)
 
 

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from ippo.kernels import InfluenceScorer, validation_gradients
+from conftest import DEVICE
 from lora_models import batch, lora_parameters, per_token_loss, random_episodes, tiny_llama
 
 LENGTHS = [1, 7, 12, 0, 4, 9]  # an episode of one token, and an empty one
@@ -22,7 +23,7 @@ def val_grads_of(model, seed=99):
 def dot_with_val(grads, model, val_grads):
     """<grads of the LoRA parameters, val_grads>, parameters in named_parameters order."""
     names = [n for n, _ in model.named_parameters() if "lora_" in n]
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=DEVICE)
     for name, grad in zip(names, grads):
         layer = name.split(".lora_")[0]
         val = val_grads[layer].A if ".lora_A." in name else val_grads[layer].B
@@ -35,7 +36,7 @@ def per_episode_loop(model, episodes, val_grads):
     scores = []
     for episode in episodes:
         if len(episode[0]) == 0:
-            scores.append(torch.zeros((), dtype=torch.float64))
+            scores.append(torch.zeros((), dtype=torch.float64, device=DEVICE))
             continue
         loss = per_token_loss(model, *batch([episode])[:5]).sum()
         scores.append(dot_with_val(torch.autograd.grad(loss, lora_parameters(model)), model, val_grads))
@@ -144,15 +145,16 @@ def test_nan_in_one_episode_leaves_the_others_finite(backend):
 def test_packed_episodes_in_a_tokenwise_model(backend):
     """Packed, interleaved episodes: a token-wise MLP mixes no tokens, so any packing is exact."""
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 9)).double()
+    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 9)).double().to(DEVICE)
     model = get_peft_model(base, LoraConfig(r=5, lora_alpha=3, target_modules=["0", "2"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    x, weights = torch.randn(1, 40, 12, dtype=torch.float64), torch.randn(1, 40, 9, dtype=torch.float64)
-    segment_ids = torch.randint(-1, 6, (1, 40))
-    val_grads = validation_gradients(model, (model(torch.randn(8, 12, dtype=torch.float64)) ** 2).sum())
+    x = torch.randn(1, 40, 12, dtype=torch.float64, device=DEVICE)
+    weights = torch.randn(1, 40, 9, dtype=torch.float64, device=DEVICE)
+    segment_ids = torch.randint(-1, 6, (1, 40), device=DEVICE)
+    val_grads = validation_gradients(model, (model(torch.randn(8, 12, dtype=torch.float64, device=DEVICE)) ** 2).sum())
     with InfluenceScorer(model, val_grads, segment_ids, num_segments=7) as scorer:
         (model(x) * weights).sum().backward()
     expected = []
@@ -180,7 +182,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="segment_ids must be an int32 or int64 tensor; got torch.float32"):
         InfluenceScorer(model, val_grads, segment_ids.float())
     with pytest.raises(ValueError, match="saw 8 tokens, but segment_ids has 10"):
-        with InfluenceScorer(model, val_grads, torch.zeros(10, dtype=torch.long)):
+        with InfluenceScorer(model, val_grads, torch.zeros(10, dtype=torch.long, device=DEVICE)):
             per_token_loss(model, *inputs).sum().backward()
     assert "forward" not in vars(model.base_model.model.model.layers[0].self_attn.q_proj)  # restored on error
     with pytest.raises(ValueError, match="model has no peft LoRA Linear layers"):
@@ -196,7 +198,7 @@ def test_autocast_bf16_matches_eager_error(backend):
     model = model.float()
     val32 = {name: type(v)(v.A.float(), v.B.float()) for name, v in val_grads.items()}
     *inputs, segment_ids = batch(episodes)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         eager = per_episode_loop(model, episodes, val32)
         scores = scored_backward(model, val32, *inputs, segment_ids, len(episodes))
     our_error = (scores.double() - reference).abs().max().item()
