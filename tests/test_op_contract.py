@@ -91,3 +91,37 @@ def test_sketch_bad_input():
         gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=12, seed=-1)
     with pytest.raises(ValueError, match=r"grad_B has shape \(12, 2\), i\.e\. r=2, but grad_A \(3, 20\) has r=3"):
         sketch_lora_gradient(args["val_A"], args["val_B"][:, :2], k=12)
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    import ippo.kernels.backends as backends
+
+    monkeypatch.delenv("IPPO_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "triton missing" if name == "triton" else None)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"triton backend unavailable \(triton missing\); using the slower torch"):
+        assert select_backend(torch.device("cuda"))[0] == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_backend(torch.device("cuda"))[0] == "torch"  # no second warning
+
+
+def test_info_lists_every_backend():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ippo.info"], capture_output=True, text=True, check=True).stdout
+    for name in ("torch backend:", "triton backend:", "cuda backend:"):
+        assert name in out
+    assert "IPPO_BACKEND=" in out
+
+
+def test_demo_one_backward_matches_loop(capsys):
+    from ippo.demo import main
+
+    main(["--episodes", "3", "--max-tokens", "8", "--hidden", "32", "--layers", "1", "--rank", "2"])
+    out = capsys.readouterr().out
+    relative = float(out.split("max |difference| / max |score| = ")[1].split(";")[0])
+    assert relative < 1e-4 and out.count("keep") + out.count("drop") == 3
