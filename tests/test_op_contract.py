@@ -125,3 +125,10 @@ def test_demo_one_backward_matches_loop(capsys):
     out = capsys.readouterr().out
     relative = float(out.split("max |difference| / max |score| = ")[1].split(";")[0])
     assert relative < 1e-4 and out.count("keep") + out.count("drop") == 3
+
+
+def test_sketch_layer_out_of_range():
+    args, segment_ids, episodes = op_inputs(r=3)
+    sketch_args = {k: args[k] for k in ("x", "h", "grad_y", "grad_h")}
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\*\*29\); got 536870912"):
+        gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=12, layer=2**29)

@@ -165,9 +165,10 @@ def _check_sketch_params(op: str, k, r: int, seed, layer) -> None:
         raise ValueError(f"{op}: the LoRA rank r must be >= 1; got r = {r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % (2 * r):
         raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r}; got {k!r}")
-    for name, value in (("seed", seed), ("layer", layer)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            raise ValueError(f"{op}: {name} must be an int in [0, 2**63); got {value!r}")
+    for name, value, limit, text in (("seed", seed, projection.SEED_LIMIT, "2**63"),
+                                     ("layer", layer, projection.LAYER_LIMIT, "2**29")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            raise ValueError(f"{op}: {name} must be an int in [0, {text}); got {value!r}")
 
 
 def gradient_sketches(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,

@@ -23,6 +23,8 @@ FMIX_MULT1 = 0x85EBCA6B
 FMIX_MULT2 = 0xC2B2AE35
 SIDE_IN = 0
 SIDE_OUT = 1
+SEED_LIMIT = 2**63  # seeds travel as int64 through the torch op schema
+LAYER_LIMIT = 2**29  # 4 * layer + side + 1 stays below 2^31
 
 
 def fmix32(h: int) -> int:
@@ -37,11 +39,8 @@ def fmix32(h: int) -> int:
 
 
 def projection_salt(seed: int, layer: int, side: int) -> int:
-    """32-bit salt of the projection matrix for (seed, layer, side); side 0 = P_in, 1 = P_out."""
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
-    if not isinstance(layer, int) or not 0 <= layer < 2**29:
-        raise ValueError(f"layer must be an int in [0, 2**29); got {layer!r}")
+    """32-bit salt of the projection matrix for (seed, layer, side); side 0 = P_in, 1 = P_out.
+    0 <= seed < SEED_LIMIT and 0 <= layer < LAYER_LIMIT (checked by the ops)."""
     return fmix32(fmix32(seed & MASK32) ^ fmix32(seed >> 32) ^ fmix32(4 * layer + side + 1))
 
 
