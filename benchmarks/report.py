@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def rows(payload: dict):
-    """(config, method, median_s, time ratio, peak memory ratio or None, error or None) per measurement."""
+    """(config, method, median_s, time ratio, peak memory ratio or None, error or None) per measurement.
+    The time ratio is of the fastest rounds (min / min): on a shared machine the minimum is the least
+    disturbed by other work; the table shows medians too."""
     for config, result in payload["configs"].items():
         if "methods" not in result:
             continue
@@ -21,7 +23,7 @@ def rows(payload: dict):
         base = methods.get("plain", {})
         for method, row in methods.items():
             median = row.get("median_s")
-            ratio = median / base["median_s"] if median and base.get("median_s") else None
+            ratio = row["min_s"] / base["min_s"] if row.get("min_s") and base.get("min_s") else None
             memory = row["peak_bytes"] / base["peak_bytes"] if "peak_bytes" in row and "peak_bytes" in base else None
             yield config, method, median, ratio, memory, row.get("error")
 
@@ -30,7 +32,8 @@ def markdown_table(payload: dict) -> str:
     v = payload["versions"]
     lines = [f"Device: {payload['device']}; {payload['date']}; torch {v['torch']}, triton {v['triton']}, "
              f"transformers {v['transformers']}, CUDA {v['cuda']}", "",
-             "| configuration | method | median time | x plain | peak memory x plain |", "|---|---|---|---|---|"]
+             "| configuration | method | median time | x plain (fastest rounds) | peak memory x plain |",
+             "|---|---|---|---|---|"]
     for config, method, median, ratio, memory, error in rows(payload):
         time_text = error or f"{median * 1e3:.1f} ms"
         lines.append(f"| {config} | {method} | {time_text} | {f'{ratio:.3f}' if ratio else '-'} | "
