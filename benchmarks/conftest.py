@@ -28,6 +28,7 @@ from ippo.kernels import validation_gradients  # noqa: E402
 # model shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 MODELS = {
     "cpu-small": (128, 344, 2, 4, 2, 1024),
+    "cpu-smollm2-width": (576, 1536, 2, 9, 3, 4096),  # SmolLM2-135M's layer widths, 2 layers, small vocab
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
 }
@@ -42,6 +43,7 @@ if DEVICE == "cuda":
     DTYPE = torch.bfloat16
 else:
     CONFIGS = {f"cpu-small B8 T{t}": ("cpu-small", 8, t, 16) for t in (32, 64, 128)}
+    CONFIGS["cpu-smollm2-width B8 T64"] = ("cpu-smollm2-width", 8, 64, 16)
     DTYPE = torch.float32
 if os.environ.get("IPPO_BENCH_CONFIGS"):  # comma-separated subset, e.g. for a rerun with less device time
     wanted = [c.strip() for c in os.environ["IPPO_BENCH_CONFIGS"].split(",")]

@@ -59,16 +59,19 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for config, method, _, ratio, _, _ in rows(payload):
         result = payload["configs"][config]
         if ratio and method != "plain" and result["rank"] == 16:
-            series.setdefault(f"{method} ({result['model']})", []).append(
-                (result["episodes"] * result["tokens"], ratio))
+            series.setdefault((method, result["model"]), []).append((result["episodes"] * result["tokens"], ratio))
+    methods = sorted({method for method, _ in series})
+    models = sorted({model for _, model in series})
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, points in sorted(series.items()):
+    for (method, model), points in sorted(series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=f"C{methods.index(method)}",
+                marker="os^vD"[models.index(model) % 5], linestyle=["-", "--", ":", "-."][models.index(model) % 4],
+                label=f"{method} ({model})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.axhline(1.0, color="gray", lw=0.8)
