@@ -151,6 +151,15 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("project_rows", &project_rows, "out[t, j] = inv_sqrt_m * sum_c sign(j, c) x[t, c]", py::arg("x"),
           py::arg("out"), py::arg("out_dtype"), py::arg("out_stride0"), py::arg("out_stride1"), py::arg("n"),
           py::arg("d"), py::arg("m"), py::arg("salt"), py::arg("inv_sqrt_m"), py::arg("device"), py::arg("stream"));
+  mod.def(
+      "projection_signs",
+      [](uint32_t salt, int64_t m, int64_t d) {
+        std::string out(static_cast<size_t>(m * d), '\0');
+        ippo::projection_signs_host(salt, m, d, reinterpret_cast<int8_t*>(out.data()));
+        return py::bytes(out);
+      },
+      "int8 bytes of sign(j, c), row-major (m, d), computed on the host with the kernels' hash", py::arg("salt"),
+      py::arg("m"), py::arg("d"));
   mod.def("device_status", &device_status, "(device count, '' or why none) as this extension's runtime sees it");
   mod.def("device_info", &device_info, py::arg("device"));
   mod.def("driver_version", &driver_version, "cudaDriverGetVersion, 0 without a driver");

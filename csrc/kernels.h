@@ -31,4 +31,8 @@ cudaError_t launch_token_scores(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, vo
 cudaError_t launch_project_rows(Mat x, void* out, int out_dtype, int64_t so0, int64_t so1, int64_t n, int64_t d,
                                 int64_t m, uint32_t salt, double inv_sqrt_m, cudaStream_t stream);
 
+// The same signs on the host, out[j * d + c] = sign(j, c) in {-1, +1}: lets CPU-only CI check that the
+// kernels' hash is projection.py's, bit for bit.
+void projection_signs_host(uint32_t salt, int64_t m, int64_t d, int8_t* out);
+
 }  // namespace ippo

@@ -102,4 +102,12 @@ cudaError_t launch_project_rows(Mat x, void* out, int out_dtype, int64_t so0, in
   return cudaGetLastError();
 }
 
+void projection_signs_host(uint32_t salt, int64_t m, int64_t d, int8_t* out) {
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t c = 0; c < d; ++c) {
+      out[j * d + c] = sign_negative(static_cast<uint32_t>(j), static_cast<uint32_t>(c), salt) ? -1 : 1;
+    }
+  }
+}
+
 }  // namespace ippo

@@ -247,3 +247,13 @@ def test_gradient_sketches_cuda_vs_torch(dtype, monkeypatch):
                               for a in args), seed=3, layer=2, scaling=0.5)
     scale = ref.abs().max().item()
     assert (ours.double() - ref).abs().max().item() <= 1e-5 * scale + 1e-6
+
+
+def test_kernel_hash_is_projection_py_bit_for_bit():
+    """The CUDA kernels' sign hash (run on the host) against projection.py, for a few salts and odd sizes."""
+    _C = pytest.importorskip("ippo._C", reason="ippo._C not built (no nvcc at install time)")
+    from ippo.kernels.projection import SIDE_OUT, projection_salt, rademacher_signs
+
+    for salt in (0, 1, projection_salt(7, 3, SIDE_OUT), 2**32 - 1):
+        signs = torch.frombuffer(bytearray(_C.projection_signs(salt, 37, 101)), dtype=torch.int8).view(37, 101)
+        assert torch.equal(signs.float(), rademacher_signs(salt, 37, 101))
