@@ -1,0 +1,276 @@
+"""The trainer end to end on a tiny random model: every algorithm, the I-PPO filter, resume, bad inputs, CLI."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ippo.train import cli, report
+from ippo.train import trainer as T
+from ippo.train.model import add_lora, tiny_llama, tiny_tokenizer
+from ippo.train.tasks import Arith
+
+TOK = tiny_tokenizer()
+
+
+def tiny():
+    return tiny_llama(len(TOK), hidden_size=32, num_layers=2), TOK
+
+
+def cfg_for(tmp_path, **kw) -> T.Config:
+    base = dict(model=str(tmp_path / "tiny-model"), arith_steps=1, arith_digits=1, arith_sizes="40,8,8",
+                lora_r=4, lora_alpha=8, sft_steps=2, sft_batch=4, iterations=1, prompts_per_iter=2,
+                samples_per_prompt=3, max_new_tokens=10, minibatch=4, val_size=4, eval_size=3, eval_k=2,
+                eval_every=1, cache_dir=str(tmp_path / "cache"), threads=1)
+    return T.Config(**(base | kw))
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def coin_reward(monkeypatch):
+    """A deterministic reward that varies between episodes (a random tiny model is never right)."""
+    monkeypatch.setattr(T, "safe_check", lambda task, text, ex, errors: sum(map(ord, text)) % 2 == 0)
+
+
+def lora_state(run_dir):
+    from safetensors.torch import load_file
+
+    latest = json.loads((run_dir / "latest.json").read_text())
+    return load_file(run_dir / f"{latest['checkpoint']}.safetensors")
+
+
+@pytest.mark.parametrize("algo", T.ALGOS)
+def test_one_iteration_of_each_algorithm(tmp_path, coin_reward, algo):
+    run = tmp_path / algo
+    ev = T.train(cfg_for(tmp_path, algo=algo), run, progress=False, model_and_tokenizer=tiny())
+    recs = records(run)
+    assert [r["iteration"] for r in recs] == [0, 1]
+    assert set(ev) >= {"accuracy", "majority", "pass_at_k", "unfaithful", "faithful_accuracy"}
+    last = recs[-1]
+    assert "eval" in last and set(last["time"]) == {"rollout", "val_grad", "scoring", "update", "eval"}
+    if algo == "sft":
+        assert last["sft_loss"] > 0
+    else:
+        assert {"reward", "kept_fraction", "approx_kl", "clip_frac", "pg_loss", "kl_ref", "top_episodes",
+                "bottom_episodes"} <= set(last)
+        assert last["top_episodes"][0]["completion"] is not None
+    if algo == "ippo":
+        assert sum(last["score_hist"]["counts"]) == 6 and 0 < last["kept_fraction"] <= 1
+        assert last["time"]["val_grad"] > 0 and last["time"]["scoring"] > 0 and not last["early_stop"]
+    # the LoRA weights moved during the iteration (B starts at 0; the SFT warm start makes it non-zero)
+    start = T.trainable_state(add_lora(tiny()[0], r=4, alpha=8))
+    assert any(not torch.equal(t, start[k[5:]]) for k, t in lora_state(run).items() if k.startswith("lora/"))
+
+
+def test_score_episodes_matches_per_episode_gradients(tmp_path, coin_reward):
+    """The one-backward scores equal <grad actor_loss_i, grad val_loss> from explicit per-episode autograd."""
+    cfg = cfg_for(tmp_path, algo="ippo")
+    task = T.build_task(cfg)
+    base, tok = tiny()
+    lm = add_lora(base, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    torch.manual_seed(0)
+    ro = T.sample(lm, tok, task, task.split("train")[:2], 3, 1.0, 8, 64)
+    old_logp, _ = T.response_logprobs(lm, ro, temperature=cfg.temperature)
+    old_logp = old_logp.detach()
+    adv = torch.randn_like(old_logp) * ro.mask
+    val_examples = task.split("validation")[:3]
+    timing = {"val_grad": 0.0, "scoring": 0.0}
+    scores = T.score_episodes(lm, tok, task, cfg, ro, old_logp, adv, val_examples, timing)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    g_val = torch.autograd.grad(T.sft_loss(lm, tok, task, val_examples), params)
+    for i in range(len(ro.texts)):
+        logp, _ = T.response_logprobs(lm, ro, temperature=cfg.temperature)
+        per_episode, _ = T.pm.policy_loss(logp, old_logp, adv, ro.mask, cfg.clip)
+        g_i = torch.autograd.grad(per_episode[i], params)
+        expected = sum((a * b).sum() for a, b in zip(g_i, g_val))
+        torch.testing.assert_close(scores[i], expected.float(), rtol=1e-3, atol=1e-7)
+    assert all(p.grad is None for p in params)
+
+
+def test_ippo_all_scores_negative_stops_and_logs(tmp_path, coin_reward, monkeypatch):
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    run = tmp_path / "run"
+    T.train(cfg_for(tmp_path, algo="ippo", iterations=3), run, progress=False, model_and_tokenizer=tiny())
+    recs = records(run)
+    assert [r["iteration"] for r in recs] == [0, 1]  # stopped at iteration 1 of 3
+    assert recs[-1]["early_stop"] is True and recs[-1]["kept_fraction"] == 0 and "eval" in recs[-1]
+    assert "pg_loss" not in recs[-1]  # no update
+    assert json.loads((run / "ckpt-00001.json").read_text())["stopped"] is True
+    # resuming a stopped run does nothing more
+    T.train(cfg_for(tmp_path, algo="ippo", iterations=3), run, resume=True, progress=False,
+            model_and_tokenizer=tiny())
+    assert [r["iteration"] for r in records(run)] == [0, 1]
+
+
+def test_ippo_filter_and_weights_reach_the_update(tmp_path, coin_reward, monkeypatch):
+    scores = torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0])
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: scores.clone())
+    seen = []
+    real_policy_loss = T.pm.policy_loss
+
+    def spy(logp, old_logp, adv, mask, clip):
+        seen.append(mask.shape[0])
+        return real_policy_loss(logp, old_logp, adv, mask, clip)
+
+    monkeypatch.setattr(T.pm, "policy_loss", spy)
+    weights_seen = []
+    real_filter = T.pm.ippo_filter
+    monkeypatch.setattr(T.pm, "ippo_filter", lambda s, tol: weights_seen.append(real_filter(s, tol)) or weights_seen[-1])
+    run = tmp_path / "run"
+    T.train(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8), run, progress=False,
+            model_and_tokenizer=tiny())
+    rec = records(run)[-1]
+    assert rec["kept_fraction"] == pytest.approx(0.5) and rec["early_stop"] is False
+    keep, weights, _ = weights_seen[0]
+    assert keep.tolist() == [True, False, True, False, False, True]
+    torch.testing.assert_close(weights, torch.tensor([1.5, 0, 0.5, 0, 0, 1.0]))
+    assert seen == [3]  # the one update minibatch holds only the 3 kept episodes
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, coin_reward, monkeypatch):
+    cfg = dict(algo="ippo", iterations=3, eval_every=2, samples_per_prompt=3, eval_k=2)
+    straight = tmp_path / "straight"
+    T.train(cfg_for(tmp_path, **cfg), straight, progress=False, model_and_tokenizer=tiny())
+
+    calls = {"rollouts": 0}
+    real_sample = T.sample
+
+    def dies_in_iteration_3(lm, tok, task, examples, k, *args):
+        if k == 3:  # a rollout (eval uses k=2)
+            calls["rollouts"] += 1
+            if calls["rollouts"] == 3:
+                raise KeyboardInterrupt("killed")
+        return real_sample(lm, tok, task, examples, k, *args)
+
+    monkeypatch.setattr(T, "sample", dies_in_iteration_3)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg_for(tmp_path, **cfg), killed, progress=False, model_and_tokenizer=tiny())
+    assert json.loads((killed / "latest.json").read_text())["iteration"] == 2
+    with (killed / "metrics.jsonl").open("a") as f:  # a line written after the last checkpoint is dropped
+        f.write(json.dumps({"iteration": 3, "bogus": True}) + "\n")
+    monkeypatch.setattr(T, "sample", real_sample)
+    T.train(cfg_for(tmp_path, **cfg), killed, resume=True, progress=False, model_and_tokenizer=tiny())
+
+    a, b = lora_state(straight), lora_state(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k not in ("time", "wall", "wall_total", "sft")} for r in recs]
+
+    assert strip(records(straight)) == strip(records(killed))
+    with pytest.raises(ValueError, match="differ"):
+        T.train(cfg_for(tmp_path, **(cfg | {"lr": 1.0})), killed, resume=True, progress=False,
+                model_and_tokenizer=tiny())
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.train(cfg_for(tmp_path, **cfg), killed, progress=False, model_and_tokenizer=tiny())
+
+
+def test_sft_warm_start_is_cached(tmp_path, coin_reward):
+    logs = []
+    T.train(cfg_for(tmp_path, algo="ppo"), tmp_path / "a", progress=False, model_and_tokenizer=tiny(), log=logs.append)
+    T.train(cfg_for(tmp_path, algo="ippo"), tmp_path / "b", progress=False, model_and_tokenizer=tiny(),
+            log=logs.append)
+    assert sum("reusing" in line for line in logs) == 1
+    assert records(tmp_path / "a")[0]["eval"] == records(tmp_path / "b")[0]["eval"]  # same start, same eval seed
+    T.train(cfg_for(tmp_path, algo="ppo", sft_steps=3), tmp_path / "c", progress=False, model_and_tokenizer=tiny(),
+            log=logs.append)
+    assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.train(cfg_for(tmp_path), tmp_path / "run", progress=False)
+    assert cli.main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "run2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def gsm8k_file(path, n, extra=()):
+    lines = [json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
+             for i in range(n)]
+    path.write_text("\n".join([*lines[:2], *extra, *lines[2:]]) + "\n")
+    return path
+
+
+def test_malformed_jsonl_line_is_a_counted_skip(tmp_path, coin_reward):
+    data = gsm8k_file(tmp_path / "train.jsonl", 8, extra=["{not json"])
+    cfg = cfg_for(tmp_path, algo="ppo", task="gsm8k", data=str(data), eval_data=str(data), gsm8k_val_size=3)
+    with pytest.warns(UserWarning, match="skipped 1 malformed line"):
+        T.train(cfg, tmp_path / "run", progress=False, model_and_tokenizer=tiny())
+    assert [r["iteration"] for r in records(tmp_path / "run")] == [0, 1]
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = cfg_for(tmp_path, task="gsm8k", data=str(empty), eval_data=str(empty))
+    with pytest.raises(ValueError, match="no valid GSM8K example"):
+        T.train(cfg, tmp_path / "run", progress=False, model_and_tokenizer=tiny())
+    assert not (tmp_path / "run").exists()  # failed before any work
+    assert cli.main(["train", "--task", "gsm8k", "--data", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert "no valid GSM8K example" in capsys.readouterr().err
+
+
+def test_raising_checker_is_counted_not_fatal(tmp_path, monkeypatch):
+    def broken(self, completion, example):
+        raise RuntimeError("checker bug")
+
+    monkeypatch.setattr(Arith, "check_answer", broken)
+    run = tmp_path / "run"
+    T.train(cfg_for(tmp_path, algo="ppo"), run, progress=False, model_and_tokenizer=tiny())
+    rec = records(run)[-1]
+    assert rec["checker_errors"] == {"check_answer": 6} and rec["reward"] == 0
+    assert rec["eval"]["checker_errors"] == 6 and rec["eval"]["accuracy"] == 0
+
+
+def test_bad_config_values():
+    for kw, name in [({"algo": "dpo"}, "algo"), ({"samples_per_prompt": 0}, "samples_per_prompt"),
+                     ({"lr": 0}, "lr"), ({"tol": -1}, "tol"), ({"gamma": 2}, "gamma")]:
+        with pytest.raises(ValueError, match=name):
+            T.Config(**kw).validate()
+
+
+# ------------------------------------------------------------------------------------------- CLI and report
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for field in T.Config.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in out
+    assert "--resume" in out
+    for command in ("sft", "eval", "compare", "report"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+
+
+def test_cli_compare_eval_and_report(tmp_path, capsys, coin_reward):
+    model_dir = tmp_path / "tiny-model"
+    model, tok = tiny()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    args = ["--model", str(model_dir), "--arith-steps", "1", "--arith-sizes", "40,8,8", "--lora-r", "4",
+            "--lora-alpha", "8", "--sft-steps", "1", "--sft-batch", "2", "--iterations", "1", "--prompts-per-iter",
+            "1", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--val-size", "2", "--eval-size", "2",
+            "--eval-k", "2", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert cli.main(["compare", "--algos", "sft,ppo,ippo", "--out", str(tmp_path / "cmp"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "| sft |" in out and "| ppo |" in out and "| ippo |" in out
+    for name in ("report.md", "accuracy.png", "faithfulness.png", "kept_fraction.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    assert cli.main(["eval", str(tmp_path / "cmp" / "ppo"), "--eval-size", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_questions"] == 1
+    assert report.summarize(tmp_path / "cmp" / "ippo")["iterations"] == 1
