@@ -55,6 +55,7 @@ HELP = {
     "eval_temperature": "eval sampling temperature (0 = greedy)",
     "eval_every": "evaluate every this many iterations (and at the end)",
     "gen_batch": "max sequences generated at once",
+    "device": "where the model runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "threads": "torch CPU threads (0 = torch default)",
     "log_episodes": "top and bottom episodes (with text) logged per iteration",
     "cache_dir": "SFT warm-start cache directory (default $IPPO_CACHE or ~/.cache/ippo)",

@@ -100,6 +100,7 @@ class Config:
     eval_every: int = 4
     # bookkeeping
     gen_batch: int = 64
+    device: str = "auto"               # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     threads: int = 0                   # torch threads (0 = torch default)
     log_episodes: int = 2              # top and bottom episodes (with text) logged per iteration
     cache_dir: str | None = None       # SFT warm-start cache (default $IPPO_CACHE or ~/.cache/ippo)
@@ -145,6 +146,23 @@ def build_task(cfg: Config) -> Task:
     return task
 
 
+def resolve_device(cfg: Config) -> torch.device:
+    """The device of the run: ``cfg.device``, where ``auto`` is cuda when available, else cpu."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: no CUDA device is available here")
+    return device
+
+
+def _fork_rng():
+    """Fork the CPU generator and, on a GPU machine, the current CUDA one (sampling there draws from it)."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+
+
 def resolve_model_dir(cfg: Config) -> Path:
     return default_model_dir() if cfg.model == "default" else Path(cfg.model).expanduser()
 
@@ -182,7 +200,8 @@ def pack_answers(tokenizer, task: Task, examples: list[Example]) -> tuple[Tensor
 
 def sft_loss(lm: nn.Module, tokenizer, task: Task, examples: list[Example]) -> Tensor:
     """Mean token cross-entropy of the gold solutions (all answer tokens pooled): the SFT and validation loss."""
-    ids, attn, answer_mask = pack_answers(tokenizer, task, examples)
+    device = next(lm.parameters()).device
+    ids, attn, answer_mask = (t.to(device) for t in pack_answers(tokenizer, task, examples))
     first = int(answer_mask.argmax(1).min())  # logits only from the first answer position on (saves lm_head work)
     logits = lm_forward(lm, ids, attn, logits_to_keep=ids.shape[1] - first).logits[:, :-1]
     logp = pm.token_logprobs(logits, ids[:, first + 1:])
@@ -208,7 +227,7 @@ def sample(lm: nn.Module, tokenizer, task: Task, examples: list[Example], k: int
     """``k`` completions per example (temperature 0 = greedy), generated ``gen_batch`` rows at a time."""
     episodes = [(i, ex) for i, ex in enumerate(examples) for _ in range(k)]
     prompts = tokenizer([task.prompt(ex, tokenizer) for _, ex in episodes], add_special_tokens=False,
-                        padding=True, padding_side="left", return_tensors="pt")
+                        padding=True, padding_side="left", return_tensors="pt").to(next(lm.parameters()).device)
     was_training = lm.training
     lm.eval()
     chunks = []
@@ -230,7 +249,7 @@ def sample(lm: nn.Module, tokenizer, task: Task, examples: list[Example], k: int
              for r, m in zip(response, mask)]
     ids = torch.cat([prompts.input_ids, response], 1)
     attn = torch.cat([prompts.attention_mask, mask.long()], 1)
-    group = torch.tensor([i for i, _ in episodes])
+    group = torch.tensor([i for i, _ in episodes], device=ids.device)
     return Rollout(ids, attn, mask, prompts.input_ids.shape[1], texts, [ex for _, ex in episodes], group)
 
 
@@ -286,7 +305,7 @@ def evaluate(lm: nn.Module, tokenizer, task: Task, cfg: Config, seed: int) -> di
     """
     examples = task.split("eval")[:cfg.eval_size]
     errors: Counter = Counter()
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng():
         torch.manual_seed(seed)
         ro = sample(lm, tokenizer, task, examples, cfg.eval_k, cfg.eval_temperature, cfg.max_new_tokens,
                     cfg.gen_batch)
@@ -336,7 +355,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def trainable_state(lm: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in lm.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in lm.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, iteration: int, lm: nn.Module, value_head: nn.Module,
@@ -346,12 +365,14 @@ def save_checkpoint(run_dir: Path, iteration: int, lm: nn.Module, value_head: nn
     from safetensors.torch import save_file
 
     tensors = {f"lora/{n}": t for n, t in trainable_state(lm).items()}
-    tensors.update({f"value_head/{n}": t.detach().clone() for n, t in value_head.state_dict().items()})
+    tensors.update({f"value_head/{n}": t.detach().cpu().clone() for n, t in value_head.state_dict().items()})
     opt_state = opt.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
-            tensors[f"opt/{idx}/{key}"] = torch.as_tensor(value).clone().contiguous()
+            tensors[f"opt/{idx}/{key}"] = torch.as_tensor(value).cpu().clone().contiguous()
     tensors["rng/torch"] = torch.random.get_rng_state()
+    if torch.cuda.is_available():  # sampling on a GPU draws from its generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     name = f"ckpt-{iteration:05d}"
     _atomic_write(run_dir / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
     meta = {"iteration": iteration, "param_groups": opt_state["param_groups"],
@@ -381,6 +402,8 @@ def load_checkpoint(run_dir: Path, lm: nn.Module, value_head: nn.Module, opt: to
     state = {int(i): {key: tensors[f"opt/{i}/{key}"] for key in keys} for i, keys in meta["opt_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.random.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     rng.setstate(_rng_from_json(meta["python_rng"]))
     return meta
 
@@ -431,7 +454,7 @@ def sft_warm_start(lm: nn.Module, tokenizer, task: Task, cfg: Config, model_dir:
     train = task.split("train")
     losses, start = [], time.perf_counter()
     lm.train()
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng():
         torch.manual_seed(cfg.seed)
         for _ in tqdm(range(cfg.sft_steps), desc="SFT warm start", disable=not progress):
             loss = sft_loss(lm, tokenizer, task, rng.sample(train, min(cfg.sft_batch, len(train))))
@@ -460,7 +483,7 @@ def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollou
     t0 = time.perf_counter()
     val = validation_gradients(lm, sft_loss(lm, tokenizer, task, val_examples))
     t1 = time.perf_counter()
-    segments = torch.arange(len(ro.texts))[:, None].expand_as(ro.ids).masked_fill(ro.attn == 0, -1)
+    segments = torch.arange(len(ro.texts), device=ro.ids.device)[:, None].expand_as(ro.ids).masked_fill(ro.attn == 0, -1)
     with InfluenceScorer(lm, val, segments.contiguous(), len(ro.texts)) as scorer:
         logp, _ = response_logprobs(lm, ro, temperature=cfg.temperature)
         per_episode, _ = pm.policy_loss(logp, old_logp, advantages, ro.mask, cfg.clip)
@@ -505,7 +528,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if not (run_dir / "latest.json").is_file():
             raise FileNotFoundError(f"--resume: {str(run_dir)!r} holds no checkpoint (latest.json)")
         saved = json.loads((run_dir / "config.json").read_text())
-        changed = {k for k, v in saved.items() if k not in ("iterations", "threads") and getattr(cfg, k, v) != v}
+        changed = {k for k, v in saved.items() if k not in ("iterations", "threads", "device") and getattr(cfg, k, v) != v}
         if changed:
             raise ValueError(f"--resume: options differ from the run's config.json: {sorted(changed)}")
     elif (run_dir / "latest.json").is_file():
@@ -519,9 +542,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         base, tokenizer = load_causal_lm(model_dir)
     else:
         (base, tokenizer), model_dir = model_and_tokenizer, Path(cfg.model)
+    device = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
-    lm = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
-    value_head = nn.Linear(base.config.hidden_size, 1)
+    lm = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha).to(device)
+    value_head = nn.Linear(base.config.hidden_size, 1, device=device)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -585,7 +609,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             prompts = rng.sample(train_split, min(cfg.prompts_per_iter, len(train_split)))
             ro = sample(lm, tokenizer, task, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens,
                         cfg.gen_batch)
-            rewards = torch.tensor([float(safe_check(task, t, ex, errors)) for t, ex in zip(ro.texts, ro.examples)])
+            rewards = torch.tensor([float(safe_check(task, t, ex, errors)) for t, ex in zip(ro.texts, ro.examples)],
+                                   device=device)
             with torch.no_grad():
                 old_logp, old_values = response_logprobs(lm, ro, value_head=value_head, temperature=cfg.temperature)
                 with lm.disable_adapter():  # the reference policy is the model without the adapter
@@ -603,8 +628,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                     advantages = pm.masked_whiten(advantages, mask)
             timing["rollout"] += time.perf_counter() - t0
             n = len(ro.texts)
-            weights = torch.ones(n)
-            keep = torch.ones(n, dtype=torch.bool)
+            weights = torch.ones(n, device=device)
+            keep = torch.ones(n, dtype=torch.bool, device=device)
 
             if cfg.algo == "ippo":  # -------------------------------- ippo: influence filter and reweighting
                 val_examples = rng.sample(val_split, min(cfg.val_size, len(val_split)))
@@ -628,7 +653,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             stats = Counter()
             n_mb = 0
             for _ in range(cfg.epochs if not stopped else 0):
-                for mb in kept_idx[torch.randperm(len(kept_idx))].split(cfg.minibatch):
+                for mb in kept_idx[torch.randperm(len(kept_idx)).to(device)].split(cfg.minibatch):
                     m = mask[mb]
                     logp, values = response_logprobs(lm, ro, mb, value_head, cfg.temperature)
                     per_episode, _ = pm.policy_loss(logp, old_logp[mb], advantages[mb], m, cfg.clip)
@@ -688,7 +713,7 @@ def evaluate_run(run_dir: str | Path, eval_size: int | None = None, eval_k: int 
     cfg.validate()
     task = build_task(cfg)
     base, tokenizer = model_and_tokenizer or load_causal_lm(resolve_model_dir(cfg))
-    lm = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    lm = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha).to(resolve_device(cfg))
     latest = json.loads((run_dir / "latest.json").read_text())
     params = dict(lm.named_parameters())
     with torch.no_grad():

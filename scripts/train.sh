@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: set up the environment, then train the embedded default end to end (SmolLM2-135M-Instruct on
+# the arith task: SFT warm start, cached; then I-PPO), writing runs/ippo-seed0/ (metrics, report, checkpoint).
+# Extra arguments go to `ippo train` (see `ippo train --help`); --resume continues a killed run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+exec ippo train "$@"
