@@ -14,7 +14,6 @@ import platform
 from datetime import date
 from pathlib import Path
 
-import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,20 +92,24 @@ def versions() -> dict:
     return versions
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not RESULTS:
-        return
+def results_payload() -> dict:
+    return {"device": device_name(), "date": date.today().isoformat(), "versions": versions(), "configs": RESULTS}
+
+
+def save_results() -> Path:
+    """Write what has been measured so far (after every measurement: a run stopped by a time limit keeps it)."""
     out = Path(os.environ.get("IPPO_BENCH_OUT", Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{DEVICE}.json"
-    payload = {"device": device_name(), "date": date.today().isoformat(), "versions": versions(), "configs": RESULTS}
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(results_payload(), indent=2))
+    return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    path = save_results()
     from report import markdown_table
 
-    terminalreporter.write_line("\n" + markdown_table(payload))
+    terminalreporter.write_line("\n" + markdown_table(results_payload()))
     terminalreporter.write_line(f"results written to {path}")
-
-
-@pytest.fixture(params=list(CONFIGS))
-def config(request):
-    return request.param

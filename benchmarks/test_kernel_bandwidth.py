@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, RESULTS
+from conftest import DEVICE, RESULTS, save_results
 from ippo.kernels.backends import select_backend, unavailable_reason
 
 TOKENS = 16 * 512
@@ -36,6 +36,7 @@ def test_copy_bandwidth(benchmark):
     dst = torch.empty_like(src)
     seconds = benchmark.pedantic(lambda: cuda_time(lambda: dst.copy_(src)), rounds=1, iterations=1)
     RESULTS.setdefault("kernel bandwidth", {})["copy_GBps"] = 2 * src.numel() / seconds / 1e9
+    save_results()
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -57,3 +58,4 @@ def test_influence_kernel_bandwidth(benchmark, monkeypatch, backend, shape):
     moved = sum(t.numel() * t.element_size() for t in (x, h, grad_y, grad_h, val_A, val_B)) + 2 * out.numel() * 4
     row = RESULTS.setdefault("kernel bandwidth", {})
     row[f"{backend} {shape}"] = {"seconds": seconds, "GBps": moved / seconds / 1e9}
+    save_results()

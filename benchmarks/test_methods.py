@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import CONFIGS, DEVICE, RESULTS, setup
+from conftest import CONFIGS, DEVICE, RESULTS, save_results, setup
 from ippo.baselines import METHODS, _losses
 from ippo.demo import lora_llama
 from ippo.kernels import validation_gradients
@@ -70,10 +70,12 @@ def test_time_and_memory(benchmark, config, method, monkeypatch):
         row["error"] = "out of memory"
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        save_results()
         pytest.skip(f"{method} ran out of GPU memory at {config}")
     row["median_s"], row["min_s"] = benchmark.stats.stats.median, benchmark.stats.stats.min
     if DEVICE == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated()
+    save_results()
 
 
 def test_score_error_vs_float64_loop(benchmark):
@@ -103,3 +105,4 @@ def test_score_error_vs_float64_loop(benchmark):
         return errors
 
     RESULTS.setdefault("score error", {})["relative"] = benchmark.pedantic(measure, rounds=1, iterations=1)
+    save_results()
