@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -419,6 +420,7 @@ def _rng_from_json(state):
 # =========================================================================== 5. SFT warm start (cached)
 
 
+SFT_CHECKPOINT_EVERY = 5  # warm-start steps between checkpoints (a killed warm start loses at most these)
 SFT_KEYS = ("model", "task", "data", "arith_steps", "arith_digits", "arith_sizes", "short_prompt", "seed", "lora_r", "lora_alpha", "sft_steps",
             "sft_batch", "sft_lr")
 
@@ -452,22 +454,32 @@ def sft_warm_start(lm: nn.Module, tokenizer, task: Task, cfg: Config, model_dir:
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0)
     rng = random.Random(f"sft:{cfg.seed}")
     train = task.split("train")
-    losses, start = [], time.perf_counter()
+    partial, no_head = cache / "partial", nn.Module()  # the warm start's own checkpoint (no value head yet)
+    losses, done, start = [], 0, time.perf_counter()
     lm.train()
     with _fork_rng():
         torch.manual_seed(cfg.seed)
-        for _ in tqdm(range(cfg.sft_steps), desc="SFT warm start", disable=not progress):
+        if (partial / "latest.json").is_file():  # a killed warm start goes on from its last checkpoint
+            meta = load_checkpoint(partial, lm, no_head, opt, rng)
+            done, losses = meta["iteration"], meta["losses"]
+            log(f"SFT warm start: resuming at step {done} from {partial}")
+        for step in tqdm(range(done + 1, cfg.sft_steps + 1), desc="SFT warm start", disable=not progress,
+                         initial=done, total=cfg.sft_steps):
             loss = sft_loss(lm, tokenizer, task, rng.sample(train, min(cfg.sft_batch, len(train))))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             losses.append(loss.item())
+            if step % SFT_CHECKPOINT_EVERY == 0 and step < cfg.sft_steps:
+                partial.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(partial, step, lm, no_head, opt, rng, {"losses": losses})
     info = {"steps": cfg.sft_steps, "final_loss": sum(losses[-5:]) / len(losses[-5:]),
             "seconds": time.perf_counter() - start, "config": {k: getattr(cfg, k) for k in SFT_KEYS}}
     cache.mkdir(parents=True, exist_ok=True)
     write_json(cache / "info.json", info)
     _atomic_write(cache / "adapter.safetensors", lambda tmp: save_file(trainable_state(lm), tmp))
+    shutil.rmtree(partial, ignore_errors=True)
     log(f"SFT warm start: {cfg.sft_steps} steps, loss {info['final_loss']:.3f}, {info['seconds']:.0f}s, cached in {cache}")
     return info | {"cached": False}
 

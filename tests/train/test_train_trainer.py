@@ -186,6 +186,37 @@ def test_sft_warm_start_is_cached(tmp_path, coin_reward):
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
 
 
+def test_killed_sft_warm_start_resumes_with_nothing_lost(tmp_path, monkeypatch):
+    """Killed after step 7 of 12 (checkpoint at step 5), the warm start goes on from step 5 and ends with the
+    adapter of an uninterrupted warm start."""
+    from safetensors.torch import load_file
+
+    cfg = dict(sft_steps=12, iterations=0, eval_size=1, eval_k=1)
+    T.train(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a", progress=False,
+            model_and_tokenizer=tiny())
+    real_loss, calls = T.sft_loss, []
+
+    def dies_at_step_8(*args):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(T, "sft_loss", dies_at_step_8)
+    killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
+    with pytest.raises(KeyboardInterrupt):
+        T.train(killed, tmp_path / "b", progress=False, model_and_tokenizer=tiny())
+    monkeypatch.setattr(T, "sft_loss", real_loss)
+    logs = []
+    T.train(killed, tmp_path / "c", progress=False, model_and_tokenizer=tiny(), log=logs.append)
+    assert any("resuming at step 5" in line for line in logs)
+    whole = load_file(next((tmp_path / "whole").rglob("adapter.safetensors")))
+    resumed = load_file(next((tmp_path / "killed").rglob("adapter.safetensors")))
+    assert not list((tmp_path / "killed").rglob("partial"))
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
