@@ -44,7 +44,7 @@ def summarize(run_dir: str | Path) -> dict:
             split[k] = split.get(k, 0.0) + v
     kept = [r["kept_fraction"] for r in records if "kept_fraction" in r]
     return {"label": run_label(run_dir), "iterations": last["iteration"],
-            "start": first["eval"], "final": last["eval"], "wall": last["wall"], "wall_total": last["wall_total"],
+            "base_model": records[0].get("eval_base_model"), "start": first["eval"], "final": last["eval"], "wall": last["wall"], "wall_total": last["wall_total"],
             "time_split": split, "mean_kept": sum(kept) / len(kept) if kept else None,
             "early_stop": any(r.get("early_stop") for r in records),
             "mean_reward": (sum(r["reward"] for r in records if "reward" in r) /
@@ -52,15 +52,16 @@ def summarize(run_dir: str | Path) -> dict:
 
 
 def table(summaries: list[dict]) -> str:
-    """One markdown table: the starting point and the final eval of every run."""
-    head = ("| run | iteration of last eval | acc start -> final | majority | pass@k | unfaithful | faithful acc | mean kept | "
-            "train wall (s) | total wall (s) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """One markdown table: the base model, the starting point (after the SFT warm start) and the final eval."""
+    head = ("| run | iteration of last eval | base model acc | acc start -> final | majority | pass@k | unfaithful | faithful acc | mean kept | "
+            "train wall (s) | total wall (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for s in summaries:
         f, st = s["final"], s["start"]
         kept = "-" if s["mean_kept"] is None else f"{s['mean_kept']:.2f}"
         stop = " (early stop)" if s["early_stop"] else ""
-        rows.append(f"| {s['label']} | {s['iterations']}{stop} | {st['accuracy']:.3f} -> {f['accuracy']:.3f} | "
+        base = "-" if s["base_model"] is None else f"{s['base_model']['accuracy']:.3f}"
+        rows.append(f"| {s['label']} | {s['iterations']}{stop} | {base} | {st['accuracy']:.3f} -> {f['accuracy']:.3f} | "
                     f"{st['majority']:.3f} -> {f['majority']:.3f} | {st['pass_at_k']:.3f} -> {f['pass_at_k']:.3f} | "
                     f"{st['unfaithful']:.3f} -> {f['unfaithful']:.3f} | "
                     f"{st['faithful_accuracy']:.3f} -> {f['faithful_accuracy']:.3f} | {kept} | "

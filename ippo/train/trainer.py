@@ -561,6 +561,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
     run_dir.mkdir(parents=True, exist_ok=True)
+    base_eval = None
+    if not resume:  # the true starting point: the model before any training (LoRA B = 0: the base model)
+        t0 = time.perf_counter()
+        base_eval = evaluate(lm, tokenizer, task, cfg, seed=cfg.seed + 10_000)
+        log(f"base model (before the SFT warm start): eval accuracy {base_eval['accuracy']:.3f}, "
+            f"majority {base_eval['majority']:.3f} ({time.perf_counter() - t0:.0f}s)")
     sft_info = sft_warm_start(lm, tokenizer, task, cfg, model_dir, log, progress)
     lora_params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.sft_lr if cfg.algo == "sft" else cfg.lr},
@@ -592,7 +598,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         last_eval = evaluate(lm, tokenizer, task, cfg, seed=cfg.seed + 10_000)
         wall_total += time.perf_counter() - t0
         emit({"iteration": 0, "algo": cfg.algo, "wall": wall, "wall_total": wall_total, "eval": last_eval,
-              "sft": sft_info})
+              "eval_base_model": base_eval, "sft": sft_info})
         log(f"iteration 0: eval accuracy {last_eval['accuracy']:.3f}, majority {last_eval['majority']:.3f}, "
             f"unfaithful {last_eval['unfaithful']:.3f}")
         save_checkpoint(run_dir, 0, lm, value_head, opt, rng, {"wall": wall, "wall_total": wall_total})

@@ -181,6 +181,8 @@ def test_sft_warm_start_is_cached(tmp_path, coin_reward):
             log=logs.append)
     assert sum("reusing" in line for line in logs) == 1
     assert records(tmp_path / "a")[0]["eval"] == records(tmp_path / "b")[0]["eval"]  # same start, same eval seed
+    base = [records(tmp_path / run)[0]["eval_base_model"] for run in "ab"]  # before any training: the same
+    assert base[0] == base[1] and 0 <= base[0]["accuracy"] <= 1
     T.train(cfg_for(tmp_path, algo="ppo", sft_steps=3), tmp_path / "c", progress=False, model_and_tokenizer=tiny(),
             log=logs.append)
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
