@@ -61,7 +61,7 @@ def bad_inputs():
         ("val_B d_out", dict(val_B=args["val_B"][:7]), r"val_B has shape \(7, 3\), i\.e\. d_out=7"),
         ("short ids", dict(segment_ids=segment_ids[:-1]), r"segment_ids has shape \(32,\), i\.e\. N=32"),
         ("int x", dict(x=args["x"].long()), r"x must be float16, bfloat16, float32 or float64; got torch.int64"),
-        ("float ids", dict(segment_ids=segment_ids.float()), r"segment_ids must be int32 or int64; got torch.float32"),
+        ("float ids", dict(segment_ids=segment_ids.float()), r"segment_ids must be an int32 or int64 tensor; got torch.float32"),
         ("id too big", dict(segment_ids=torch.full((n,), episodes, device=DEVICE)),
          r"segment_ids must lie in \[-1, num_segments\) = \[-1, 4\); got values in \[4, 4\]"),
         ("id -2", dict(segment_ids=torch.full((n,), -2, device=DEVICE)), r"got values in \[-2, -2\]"),

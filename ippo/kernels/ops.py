@@ -43,21 +43,30 @@ def check_shapes(op: str, specs) -> dict[str, int]:
 
 def check_tensors(op: str, floats: dict, segment_ids=None, num_segments=None) -> None:
     """Types, dtypes, one device, and num_segments; segment id values are checked by ``check_segment_ids``."""
-    tensors = dict(floats) if segment_ids is None else {**floats, "segment_ids": segment_ids}
-    for name, t in tensors.items():
+    for name, t in floats.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
-    for name, t in floats.items():
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
-    if segment_ids is not None and segment_ids.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{op}: segment_ids must be int32 or int64; got {segment_ids.dtype}")
+    tensors = dict(floats)
+    if segment_ids is not None:
+        check_index_tensor(op, segment_ids)
+        check_num_segments(op, num_segments)
+        tensors["segment_ids"] = segment_ids
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: all tensors must be on one device; got "
                          + ", ".join(f"{n} on {d}" for n, d in devices.items()))
-    if segment_ids is not None and (isinstance(num_segments, bool) or not isinstance(num_segments, int)
-                                    or num_segments < 0):
+
+
+def check_index_tensor(op: str, segment_ids) -> None:
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{op}: segment_ids must be an int32 or int64 tensor; got "
+                         f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}")
+
+
+def check_num_segments(op: str, num_segments) -> None:
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"{op}: num_segments must be a non-negative int; got {num_segments!r}")
 
 

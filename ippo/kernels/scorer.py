@@ -20,7 +20,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
 
 from ippo.kernels.backends import select_backend
-from ippo.kernels.ops import accumulation_dtype, check_segment_ids, segment_sum
+from ippo.kernels.ops import (accumulation_dtype, check_index_tensor, check_num_segments, check_segment_ids,
+                              segment_sum)
 
 _OP = "InfluenceScorer"
 
@@ -128,14 +129,11 @@ class InfluenceScorer:
     def __init__(self, model: torch.nn.Module, val_grads: Mapping[str, LoRAGrad], segment_ids: torch.Tensor,
                  num_segments: int | None = None):
         layers = lora_linear_layers(model)
-        if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{_OP}: segment_ids must be an int32 or int64 tensor; got "
-                             f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}")
+        check_index_tensor(_OP, segment_ids)
         segment_ids = segment_ids.reshape(-1)
         if num_segments is None:
             num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-        if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
-            raise ValueError(f"{_OP}: num_segments must be a non-negative int; got {num_segments!r}")
+        check_num_segments(_OP, num_segments)
         check_segment_ids(_OP, segment_ids, num_segments)
         missing = sorted(set(layers) - set(val_grads))
         extra = sorted(set(val_grads) - set(layers))
