@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import CONFIGS, DEVICE, RESULTS, save_results, setup
-from ippo.baselines import METHODS, _losses
+from ippo.baselines import METHODS, full_row_losses
 from ippo.demo import lora_llama
 from ippo.kernels import validation_gradients
 from ippo.kernels.backends import unavailable_reason
@@ -23,7 +23,7 @@ ROUNDS = {"cuda": {"plain": 5, "per-episode loop": 2, "other": 3}, "cpu": {"per-
 
 
 def plain(model, batch, val_grads):
-    _losses(model, *batch).sum().backward()
+    full_row_losses(model, *batch).sum().backward()
 
 
 def method_fn(method: str, monkeypatch):
@@ -87,7 +87,7 @@ def test_score_error_vs_float64_loop(benchmark):
     model64 = lora_llama(config, 16, DEVICE, torch.float64)
     batch = (torch.randint(0, 512, (6, 32), device=DEVICE), torch.randn(6, device=DEVICE, dtype=torch.float64))
     val_ids = torch.randint(0, 512, (2, 32), device=DEVICE)
-    val = validation_gradients(model64, _losses(model64, val_ids, torch.ones(2, device=DEVICE)).sum())
+    val = validation_gradients(model64, full_row_losses(model64, val_ids, torch.ones(2, device=DEVICE)).sum())
     reference = METHODS["per-episode loop"](model64, batch, val)
     low = {"float64": (model64, val)}
     if DEVICE == "cuda":

@@ -35,7 +35,8 @@ def lora_pairs(model, val_grads) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
     return pairs
 
 
-def _losses(model, input_ids, advantages):
+def full_row_losses(model, input_ids, advantages):
+    """(E,) l_i of ``ippo.demo.episode_losses`` for episodes that fill their rows (no padding)."""
     return episode_losses(model, input_ids, torch.ones_like(input_ids), advantages)
 
 
@@ -47,7 +48,7 @@ def influence_scorer(model, batch, val_grads):
     input_ids, advantages = batch
     segment_ids = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
     with InfluenceScorer(model, val_grads, segment_ids) as scorer:
-        _losses(model, input_ids, advantages).sum().backward()
+        full_row_losses(model, input_ids, advantages).sum().backward()
     return scorer.scores
 
 
@@ -58,7 +59,7 @@ def per_episode_loop(model, batch, val_grads):
     flat_val = torch.cat([v.flatten() for _, v in pairs]).to(_acc(val_grads))
     scores = []
     for i in range(input_ids.shape[0]):
-        grads = torch.autograd.grad(_losses(model, input_ids[i:i + 1], advantages[i:i + 1]).sum(), params)
+        grads = torch.autograd.grad(full_row_losses(model, input_ids[i:i + 1], advantages[i:i + 1]).sum(), params)
         scores.append(torch.cat([g.flatten() for g in grads]).to(flat_val.dtype) @ flat_val)
     return torch.stack(scores)
 
@@ -116,7 +117,7 @@ def ghost_hooks(model, batch, val_grads):
         token_scores.add_((v_x * grad_out.to(acc)).sum(-1))
 
     with _Hooks(lora_pairs(model, val_grads), on_input, on_grad):
-        _losses(model, input_ids, advantages).sum().backward()
+        full_row_losses(model, input_ids, advantages).sum().backward()
     return token_scores.view(input_ids.shape).sum(1)
 
 
@@ -144,7 +145,7 @@ def logra_hooks(model, batch, val_grads, k: int = 16, seed: int = 0):
         scores.add_((sketches * (p_out @ val.to(acc) @ p_in.T)).sum((1, 2)))
 
     with _Hooks(lora_pairs(model, val_grads), on_input, on_grad):
-        _losses(model, input_ids, advantages).sum().backward()
+        full_row_losses(model, input_ids, advantages).sum().backward()
     return scores
 
 

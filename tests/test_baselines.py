@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import DEVICE
-from ippo.baselines import METHODS, _losses
+from ippo.baselines import METHODS, full_row_losses
 from ippo.demo import lora_llama
 from ippo.kernels import validation_gradients
 
@@ -15,7 +15,7 @@ def setup():
                          num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
     model = lora_llama(config, 3, DEVICE, torch.float64)
     batch = (torch.randint(0, 64, (5, 12), device=DEVICE), torch.randn(5, dtype=torch.float64, device=DEVICE))
-    val_loss = _losses(model, torch.randint(0, 64, (3, 12), device=DEVICE),
+    val_loss = full_row_losses(model, torch.randint(0, 64, (3, 12), device=DEVICE),
                        torch.ones(3, dtype=torch.float64, device=DEVICE)).sum()
     return model, batch, validation_gradients(model, val_loss)
 
@@ -31,7 +31,7 @@ def test_exact_methods_match_the_loop(backend):
 
 def test_hook_methods_leave_the_plain_gradients():
     model, batch, val = setup()
-    _losses(model, *batch).sum().backward()
+    full_row_losses(model, *batch).sum().backward()
     plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     for name in ("ghost hooks", "logra hooks", "scorer"):
         model.zero_grad(set_to_none=True)
