@@ -562,7 +562,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     nn.init.zeros_(value_head.bias)
     run_dir.mkdir(parents=True, exist_ok=True)
     base_eval = None
-    if not resume:  # the true starting point: the model before any training (LoRA B = 0: the base model)
+    if not resume and cfg.sft_steps:  # the true starting point, before the warm start (LoRA B = 0: the base
+        # model); without a warm start it is the iteration-0 eval itself
         t0 = time.perf_counter()
         base_eval = evaluate(lm, tokenizer, task, cfg, seed=cfg.seed + 10_000)
         log(f"base model (before the SFT warm start): eval accuracy {base_eval['accuracy']:.3f}, "
