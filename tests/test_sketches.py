@@ -72,3 +72,17 @@ def test_inner_products_unbiased_and_error_shrinks_like_inverse_sqrt_k():
         assert (errors.mean(dim=0).abs() <= 4 * standard_error).all()
         rms[k] = errors.pow(2).mean().sqrt().item()
     assert 2.5 < rms[8] / rms[128] < 6.5, rms
+
+
+@pytest.mark.parametrize("salt", [0, 1, 2**31 - 1, 2**31, 2**32 - 1])
+def test_projection_at_edge_salts(backend, salt):
+    """Salts 0 and 1 (which compilers like to specialize) and around 2^31 (int32 vs uint32) project alike."""
+    from ippo.kernels.backends import select_backend
+    from ippo.kernels.torch_backend import project_rows
+
+    x = torch.randn(9, 70, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
+    signs = rademacher_signs(salt, 5, 70).double().to(DEVICE)
+    expected = x @ signs.T / math.sqrt(5)
+    got = select_backend(x.device)[1].project_rows(x, salt, 5, torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(project_rows(x, salt, 5, torch.float64), expected, rtol=1e-12, atol=1e-12)

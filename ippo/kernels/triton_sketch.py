@@ -36,7 +36,7 @@ def _fmix32(h):
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["salt"])  # a salt of 1 would otherwise become a constexpr without .to()
 def _project_rows_kernel(
     x_ptr, out_ptr, N, D, M, stride_xn, stride_xk, stride_on, stride_om, salt, inv_sqrt_m,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
