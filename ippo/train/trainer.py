@@ -359,6 +359,15 @@ def trainable_state(lm: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in lm.named_parameters() if p.requires_grad}
 
 
+def load_trainable_state(lm: nn.Module, tensors: dict[str, Tensor], prefix: str = "") -> None:
+    """Copy the tensors named ``prefix + parameter name`` (as ``trainable_state`` wrote them) into ``lm``."""
+    params = dict(lm.named_parameters())
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key.startswith(prefix):
+                params[key[len(prefix):]].copy_(t)
+
+
 def save_checkpoint(run_dir: Path, iteration: int, lm: nn.Module, value_head: nn.Module,
                     opt: torch.optim.Optimizer, rng: random.Random, extra: dict) -> None:
     """``ckpt-<iteration>.safetensors`` (LoRA, value head, optimizer tensors, torch RNG) + ``.json`` (the rest),
@@ -394,11 +403,7 @@ def load_checkpoint(run_dir: Path, lm: nn.Module, value_head: nn.Module, opt: to
     latest = json.loads((run_dir / "latest.json").read_text())
     meta = json.loads((run_dir / f"{latest['checkpoint']}.json").read_text())
     tensors = load_file(run_dir / f"{latest['checkpoint']}.safetensors")
-    params = dict(lm.named_parameters())
-    with torch.no_grad():
-        for key, t in tensors.items():
-            if key.startswith("lora/"):
-                params[key[5:]].copy_(t)
+    load_trainable_state(lm, tensors, "lora/")
     value_head.load_state_dict({k[11:]: t for k, t in tensors.items() if k.startswith("value_head/")})
     state = {int(i): {key: tensors[f"opt/{i}/{key}"] for key in keys} for i, keys in meta["opt_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -440,10 +445,7 @@ def sft_warm_start(lm: nn.Module, tokenizer, task: Task, cfg: Config, model_dir:
 
     cache = sft_cache_dir(cfg, model_dir)
     if (cache / "adapter.safetensors").is_file():
-        with torch.no_grad():
-            params = dict(lm.named_parameters())
-            for name, t in load_file(cache / "adapter.safetensors").items():
-                params[name].copy_(t)
+        load_trainable_state(lm, load_file(cache / "adapter.safetensors"))
         log(f"SFT warm start: reusing {cache}")
         return json.loads((cache / "info.json").read_text()) | {"cached": True}
     if cfg.sft_steps == 0:
@@ -734,9 +736,5 @@ def evaluate_run(run_dir: str | Path, eval_size: int | None = None, eval_k: int 
     base, tokenizer = model_and_tokenizer or load_causal_lm(resolve_model_dir(cfg))
     lm = add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha).to(resolve_device(cfg))
     latest = json.loads((run_dir / "latest.json").read_text())
-    params = dict(lm.named_parameters())
-    with torch.no_grad():
-        for key, t in load_file(run_dir / f"{latest['checkpoint']}.safetensors").items():
-            if key.startswith("lora/"):
-                params[key[5:]].copy_(t)
+    load_trainable_state(lm, load_file(run_dir / f"{latest['checkpoint']}.safetensors"), "lora/")
     return evaluate(lm, tokenizer, task, cfg, seed=cfg.seed + 10_000) | {"iteration": latest["iteration"]}
