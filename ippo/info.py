@@ -26,7 +26,8 @@ def report() -> str:
     lines.append(f"CUDA device: {torch.cuda.get_device_name() if has_cuda else 'none'}")
     lines.append(f"{ENV_VAR}={requested_backend()} (auto: triton on CUDA tensors, torch on CPU tensors)")
     for name in BACKEND_NAMES:
-        where = [device for device in ("cpu", "cuda") if unavailable_reason(name, device) is None]
+        reasons = {device: unavailable_reason(name, device) for device in ("cpu", "cuda")}
+        where = [device for device, reason in reasons.items() if reason is None]
         if name == "cuda":
             status = cuda_backend.describe()
         elif where:
@@ -34,10 +35,8 @@ def report() -> str:
         else:
             status = "unavailable"
         lines.append(f"{name} backend: {status}")
-        for device in ("cpu", "cuda"):
-            reason = unavailable_reason(name, device)
-            if reason is not None and name != "cuda":
-                lines.append(f"    not on {device} tensors: {reason}")
+        if name != "cuda":
+            lines += [f"    not on {device} tensors: {reason}" for device, reason in reasons.items() if reason]
     return "\n".join(lines)
 
 
