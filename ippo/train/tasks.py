@@ -10,8 +10,9 @@ Tasks:
     any user JSONL of ``{"question", "answer"}`` lines in GSM8K format).
   * ``arith``: procedurally generated multi-step integer arithmetic.
 
-The checkers never raise: a malformed completion or a checker error counts
-as a wrong answer / a wrong step.
+The built-in checkers are total: no ``str`` input makes them raise, and a malformed
+completion is a wrong answer / has no steps. Exceptions of user checkers (a
+:class:`Task` subclass's overrides) are caught and counted by the trainer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import random
 import re
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
@@ -57,11 +59,14 @@ _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # "3 x 4", "3×4" -> "3*4" (only between operands, so words containing "x" are untouched).
 _TIMES_RE = re.compile(r"(?<=[\d)])\s*[x×X]\s*(?=[\d(.])")
 # An equation "lhs = rhs", both sides maximal runs of arithmetic characters (a "." only before a
-# digit, so a sentence's full stop ends a run). The rhs is in a lookahead so that a chain
-# "a = b = c" yields both "a = b" and "b = c".
-_ARITH = r"(?:[\d()+\-*/ \t]|\.(?=\d))"
+# digit, so a sentence's full stop ends a run) and the lhs's last non-blank character a digit or
+# ")". The rhs is in a lookahead so that a chain "a = b = c" yields both "a = b" and "b = c".
+# Runs are matched possessively (no backtracking into a run), so matching is linear in the text.
+_SYMBOL = r"(?:[\d()+\-*/]|\.(?=\d))"
+_ARITH = rf"(?:[ \t]|{_SYMBOL})"
 _RUN_START = r"(?:(?<![\d()+\-*/ \t.])|(?<=\.)(?!\d))"
-_EQUATION_RE = re.compile(rf"{_RUN_START}({_ARITH}*[\d)][ \t)]*)=(?=({_ARITH}*))")
+_EQUATION_RE = re.compile(rf"{_RUN_START}((?:[ \t]*+{_SYMBOL})*+(?<=[\d)])[ \t]*+)=(?=({_ARITH}*+))")
+_OPENING_RE = re.compile(r"\(\s*")
 _MAX_EXPR_CHARS = 200
 
 
@@ -132,8 +137,10 @@ def _trim_start(side: str) -> str | None:
         if depth < 0:
             depth, start = 0, i + 1
     side = side[start:].strip()
-    while side.startswith("(") and side.count("(") > side.count(")"):
-        side = side[1:].lstrip()
+    excess, start = side.count("(") - side.count(")"), 0
+    while excess > 0 and (opening := _OPENING_RE.match(side, start)):
+        excess, start = excess - 1, opening.end()
+    side = side[start:]
     if not side or side[0] in "+*/" or re.match(r"-\s", side):
         return None
     return side
@@ -147,7 +154,8 @@ def _equation_sides(text: str, match: re.Match) -> tuple[str | None, str | None]
     "= 16 + x" ends in an operator).
     """
     lhs, rhs = match.group(1), match.group(2)
-    before, after = text[match.start() - 1:match.start()], text[match.end() + len(rhs):][:1]
+    end = match.end() + len(rhs)
+    before, after = text[match.start() - 1:match.start()], text[end:end + 1]
     glued_left = re.fullmatch(r"[\w:]", before) and re.match(r"[\d.]", lhs)
     glued_right = re.fullmatch(r"[\w:]", after) and re.search(r"[\d.]$", rhs)
     rhs = _trim_start(_mirror(rhs))
@@ -166,9 +174,16 @@ def _matches(value: Fraction, stated: ast.expr) -> bool:
 
 
 def extract_final_answer(completion: str) -> Fraction | None:
-    """The number after the last ``####`` (``$`` and thousands commas ignored), or None."""
+    """The number after the last ``####`` (``$`` and thousands commas ignored), or None.
+
+    None too if that number has more digits than Python converts (``sys.get_int_max_str_digits``);
+    never raises on a ``str``.
+    """
     found = _FINAL_RE.findall(_normalize(completion))
-    return Fraction(found[-1]) if found else None
+    try:
+        return Fraction(found[-1]) if found else None
+    except ValueError:  # int conversion digit limit
+        return None
 
 
 def find_equations(completion: str) -> Counter[tuple[ast.expr, ast.expr]]:
@@ -209,7 +224,7 @@ def check_equations(completion: str) -> tuple[int, int]:
     for (lhs, rhs), count in find_equations(completion).items():
         try:
             right = _matches(_eval_node(lhs), rhs)
-        except (ValueError, ArithmeticError):
+        except (ValueError, ArithmeticError, RecursionError):
             right = False
         n_steps += count
         n_wrong += 0 if right else count
@@ -243,59 +258,79 @@ class Task(ABC):
         return tokenizer.apply_chat_template(self.messages(example), add_generation_prompt=True, tokenize=False)
 
     def check_answer(self, completion: str, example: Example) -> bool:
-        """True iff the completion's final answer (after ``####``) equals the gold one. Never raises."""
-        try:
-            predicted = extract_final_answer(completion)
-            return predicted is not None and predicted == extract_final_answer(example.answer)
-        except Exception as err:  # a checker bug must not stop training: count as wrong
-            warnings.warn(f"{self.name}.check_answer failed ({err!r}); counted as wrong", RuntimeWarning)
-            return False
+        """True iff the completion's final answer (after ``####``) equals the gold one.
+
+        Total: never raises for ``str`` inputs. An override may raise; the trainer counts that as
+        a checker error and a wrong answer.
+        """
+        predicted = extract_final_answer(completion)
+        return predicted is not None and predicted == extract_final_answer(example.answer)
 
     def check_steps(self, completion: str) -> tuple[int, int]:
         """``(n_steps, n_wrong_steps)`` of the completion's equations (see :func:`check_equations`).
 
-        Never raises: a checker error counts as one wrong step, ``(1, 1)``.
+        Total: never raises for a ``str`` input. An override may raise; the trainer counts that as
+        a checker error and one wrong step.
         """
-        try:
-            return check_equations(completion)
-        except Exception as err:
-            warnings.warn(f"{self.name}.check_steps failed ({err!r}); counted as one wrong step", RuntimeWarning)
-            return 1, 1
+        return check_equations(completion)
 
 
 # --------------------------------------------------------------------------- gsm8k
 
 
-def read_gsm8k_jsonl(path: str | Path) -> list[Example]:
-    """Read a JSONL file (``.gz`` allowed) of ``{"question": str, "answer": str}`` lines.
+def _read_lines(path: Path) -> list[bytes]:
+    """The raw lines of ``path`` (gunzipped if it ends in ``.gz``); errors name the file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as lines:
+            return list(lines)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip, truncated, corrupt
+        raise ValueError(f"path: {str(path)!r} is not a valid gzip file: {err}") from err
+    except OSError as err:
+        raise OSError(f"path: cannot read {str(path)!r}: {err}") from err
 
-    An answer must end in GSM8K format (``#### <number>``). Blank lines are ignored; malformed
-    lines are skipped and reported in one warning naming their line numbers. Raises ValueError
-    if no valid example remains.
+
+def _gsm8k_example(line: str) -> Example | str:
+    """The example on a non-blank JSONL line, or why the line is malformed."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # bad JSON, an integer over the digit limit, deep nesting
+        return "invalid JSON"
+    question = record.get("question") if isinstance(record, dict) else None
+    answer = record.get("answer") if isinstance(record, dict) else None
+    if not (isinstance(question, str) and question.strip() and isinstance(answer, str)):
+        return "needs string 'question' and 'answer'"
+    if extract_final_answer(answer) is None:
+        return "answer lacks a readable '#### <number>'"
+    return Example(question, answer)
+
+
+def read_gsm8k_jsonl(path: str | Path) -> list[Example]:
+    """Read a UTF-8 JSONL file (``.gz`` allowed) of ``{"question": str, "answer": str}`` lines.
+
+    An answer must end in GSM8K format (``#### <number>``, at most Python's int digit limit).
+    Blank lines are ignored; malformed lines (bad JSON or UTF-8, missing fields, no final number)
+    are skipped and reported in one warning naming their line numbers. Raises ValueError if no
+    valid example remains or a ``.gz`` file is not valid gzip; OSError (naming the file) if it
+    cannot be read.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
     examples: list[Example] = []
     bad: list[str] = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(f"{number} (invalid JSON)")
-                continue
-            question = record.get("question") if isinstance(record, dict) else None
-            answer = record.get("answer") if isinstance(record, dict) else None
-            if not (isinstance(question, str) and question.strip() and isinstance(answer, str)):
-                bad.append(f"{number} (needs string 'question' and 'answer')")
-            elif extract_final_answer(answer) is None:
-                bad.append(f"{number} (answer lacks '#### <number>')")
+    for number, raw in enumerate(_read_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(f"{number} (not UTF-8)")
+            continue
+        if line.strip():
+            parsed = _gsm8k_example(line)
+            if isinstance(parsed, Example):
+                examples.append(parsed)
             else:
-                examples.append(Example(question, answer))
+                bad.append(f"{number} ({parsed})")
     if bad:
         shown = ", ".join(bad[:20]) + (", ..." if len(bad) > 20 else "")
         warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): line {shown}", UserWarning, stacklevel=2)

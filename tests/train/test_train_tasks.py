@@ -2,13 +2,14 @@
 
 import gzip
 import json
+import time
 import warnings
 
 import pytest
 
 from ippo.train import tasks
 from ippo.train.model import tiny_tokenizer
-from ippo.train.tasks import Arith, Example, GSM8K, check_equations, extract_final_answer, make_task
+from ippo.train.tasks import GSM8K, Arith, Example, check_equations, extract_final_answer, make_task
 
 GOLD = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
         "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
@@ -47,7 +48,8 @@ def test_gsm8k_eval_split_needs_path(gsm8k, tmp_path):
         gsm8k.split("eval")
     with pytest.raises(ValueError, match="which"):
         gsm8k.split("test")
-    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(3)])
+    lines = [json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(3)]
+    path = write_jsonl(tmp_path / "test.jsonl", lines)
     task = GSM8K(train_path=path, eval_path=path, val_size=1)
     assert len(task.split("eval")) == 3 and len(task.split("train")) == 2
 
@@ -62,6 +64,34 @@ def test_user_jsonl_gz_and_malformed_lines(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 4 malformed line\(s\): line 2 \(invalid JSON\), 3 .*, 4 .*, 5 "):
         examples = tasks.read_gsm8k_jsonl(path)
     assert examples == [Example("What is 2+3?", "2+3 = <<2+3=5>>5\n#### 5")] * 2
+
+
+def test_user_jsonl_bad_bytes_and_huge_numbers_skip_their_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "#### 5"}).encode()
+    lines = [good, b'{"question": "q\xff", "answer": "#### 5"}',
+             json.dumps({"question": "q", "answer": "#### " + "9" * 5000}).encode(),
+             b'{"question": "q", "answer": "#### 5", "id": ' + b"1" * 5000 + b"}", b"[" * 100000, good]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    reasons = r"line 2 \(not UTF-8\), 3 \(answer lacks .*\), 4 \(invalid JSON\), 5 \(invalid JSON\)"
+    with pytest.warns(UserWarning, match=rf"skipped 4 malformed line\(s\): {reasons}"):
+        assert tasks.read_gsm8k_jsonl(path) == [Example("q", "#### 5")] * 2
+
+
+def test_bad_gzip_or_unreadable_file_names_the_file(tmp_path, monkeypatch):
+    not_gzip = write_jsonl(tmp_path / "plain.jsonl.gz", [json.dumps({"question": "q", "answer": "#### 1"})])
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(not_gzip.read_bytes() * 100)[:-20])
+    for path in (not_gzip, truncated):
+        with pytest.raises(ValueError, match=rf"path: '.*{path.name}' is not a valid gzip file: "):
+            tasks.read_gsm8k_jsonl(path)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tasks, "open", unreadable, raising=False)
+    with pytest.raises(OSError, match="path: cannot read '.*one.jsonl': .*Permission denied"):
+        tasks.read_gsm8k_jsonl(write_jsonl(tmp_path / "one.jsonl", []))
 
 
 def test_empty_or_missing_dataset(tmp_path):
@@ -80,6 +110,7 @@ def test_empty_or_missing_dataset(tmp_path):
 @pytest.mark.parametrize("text, value", [
     ("#### 72", 72), ("so #### $1,234.", 1234), ("#### -3", -3), ("#### 2.50", 2.5), ("#### 1 #### 7", 7),
     ("#### .5", 0.5), ("The answer is 72", None), ("####", None), ("", None),
+    ("#### " + "9" * 5000, None), ("#### 0." + "0" * 5000 + "1", None),  # over Python's int digit limit
 ])
 def test_extract_final_answer(text, value):
     assert extract_final_answer(text) == value
@@ -91,8 +122,6 @@ def test_check_answer(gsm8k):
     assert gsm8k.check_answer("#### $72.00", ex)
     assert not gsm8k.check_answer("#### 73", ex)
     assert not gsm8k.check_answer("72", ex)
-    with pytest.warns(RuntimeWarning, match="counted as wrong"):
-        assert not gsm8k.check_answer(None, ex)  # malformed completion never raises
 
 
 # ---------------------------------------------------------------- step checker
@@ -122,13 +151,46 @@ def test_check_equations(text, expected):
     assert check_equations(text) == expected
 
 
-def test_check_steps_never_raises(gsm8k, monkeypatch):
+# Each is a 40,001+ character completion that took seconds when runs of ")" or spaces were backtracked.
+ADVERSARIAL = ["1" + ")" * 40000, "1" + ") " * 20000, "1+1=2" + ")" * 40000, "(" * 40000 + "1+1=2",
+               "1" + " )" * 20000 + "=", "1 " * 10000 + "=" + ")" * 20000]
+
+
+def test_equation_finding_is_linear_time():
+    start = time.perf_counter()
+    results = [check_equations(text) for text in ADVERSARIAL]
+    assert time.perf_counter() - start < 0.5
+    assert results == [(0, 0), (0, 0), (1, 0), (1, 0), (0, 0), (0, 0)]
+
+
+NASTY = ADVERSARIAL + [
+    "#### " + "9" * 5000, "#### 0." + "0" * 5000 + "1", "1e999 = <<1e999*2=1e999>>", "<<1e308*10=1e309>>",
+    "9**9**9 = 1", "<<9**9**9=1>>", "<<9**9**9**9**9**9**9**9**9**9**9**9**9>>", "(" * 150 + "1+1" + ")" * 150 + " = 2",
+    "<<" + "-" * 198 + "1+1=2>>", "<<" + "(" * 99 + "1" + ")" * 99 + "+1=2>>", "1/0 = 1 <<1/0=1>> <<0/0=0>>",
+    "١ + ١ = ٢ #### ١", "１+１=２ #### ３", "1_000 + 0x1F = 1j", "<<1e=2>> <<1if 1else 2=1>>", "\ud800\x00 1+1=2 ####",
+    "=" * 2000, "#" * 2000, "<<" * 1000, "1" * 5000 + "+1 = " + "2" * 5000, " \n\t".join(["1+1=2"] * 500),
+]
+
+
+@pytest.mark.parametrize("text", NASTY, ids=range(len(NASTY)))
+def test_builtin_checkers_are_total(gsm8k, text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n_steps, n_wrong = gsm8k.check_steps(text)
+        assert 0 <= n_wrong <= n_steps
+        assert gsm8k.check_answer(text, Example("q", GOLD)) in (True, False)
+        assert gsm8k.check_answer("#### 72", Example("q", text)) in (True, False)
+
+
+def test_checker_exceptions_reach_the_trainer(gsm8k, monkeypatch):
     def broken(_):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(tasks, "check_equations", broken)
-    with pytest.warns(RuntimeWarning, match="check_steps failed"):
-        assert gsm8k.check_steps("1 + 1 = 2") == (1, 1)
+    monkeypatch.setattr(tasks, "extract_final_answer", broken)
+    for check in (lambda: gsm8k.check_steps("1 + 1 = 2"), lambda: gsm8k.check_answer("#### 72", Example("q", GOLD))):
+        with pytest.raises(RuntimeError, match="boom"):  # not swallowed: the trainer counts checker errors
+            check()
 
 
 # ---------------------------------------------------------------- arith
