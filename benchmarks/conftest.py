@@ -19,10 +19,10 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 os.environ.setdefault("TRITON_INTERPRET", "0" if DEVICE == "cuda" else "1")
 
-from transformers import LlamaConfig  # noqa: E402
+from baselines import full_row_losses  # noqa: E402
 
-from ippo.demo import episode_losses, lora_llama  # noqa: E402
 from ippo.kernels import validation_gradients  # noqa: E402
+from ippo.testing import lora_llama  # noqa: E402
 
 # model shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 MODELS = {
@@ -63,13 +63,12 @@ def setup(config: str):
         name, episodes, tokens, rank = CONFIGS[config]
         hidden, inter, layers, heads, kv, vocab = MODELS[name]
         torch.manual_seed(0)
-        model = lora_llama(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                       max_position_embeddings=tokens), rank, DEVICE, DTYPE)
+        model = lora_llama(vocab, rank, hidden_size=hidden, num_layers=layers, intermediate_size=inter,
+                           num_heads=heads, num_kv_heads=kv, dtype=DTYPE, device=DEVICE)
         input_ids = torch.randint(0, vocab, (episodes, tokens), device=DEVICE)
         advantages = torch.randn(episodes, device=DEVICE)
         val_ids = input_ids[:2].roll(1, dims=1)
-        val_loss = -episode_losses(model, val_ids, torch.ones_like(val_ids), torch.ones(2, device=DEVICE)).mean()
+        val_loss = full_row_losses(model, val_ids, torch.full((2,), 0.5, device=DEVICE)).sum()  # mean NLL
         _SETUPS[config] = (model, (input_ids, advantages), validation_gradients(model, val_loss))
         RESULTS.setdefault(config, {"model": name, "episodes": episodes, "tokens": tokens, "rank": rank,
                                     "dtype": str(DTYPE), "methods": {}})

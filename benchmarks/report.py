@@ -86,8 +86,10 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="*", type=Path, help="result JSON files (default: benchmarks/results/*.json)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for tables and plots")
+    parser.add_argument("results", nargs="*", type=Path,
+                        help="result JSON files (default: benchmarks/results/*.json)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for tables and plots")
     args = parser.parse_args(argv)
     files = args.results or sorted((Path(__file__).parent / "results").glob("*.json"))
     if not files:

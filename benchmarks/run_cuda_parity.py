@@ -3,12 +3,13 @@
     python benchmarks/run_cuda_parity.py OUT_DIR          (after IPPO_BUILD_CUDA=1 pip install -e .)
 
 Builds nothing. Runs tests/test_cuda_backend.py (pytest), checks parity at the benchmark shapes, times
-``accumulate_token_scores`` of the cuda, triton and torch backends for N = 16 * 512 bf16 tokens, prints a
+``token_influence`` of the cuda, triton and torch backends for N = 16 * 512 bf16 tokens, prints a
 table and writes OUT_DIR/cuda_parity.json.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -72,17 +73,19 @@ def main() -> int:
                  val_A=torch.randn(r, d_in, device="cuda", generator=g).to(dt),
                  val_B=torch.randn(d_out, r, device="cuda", generator=g).to(dt))
         a64 = {k: v.double() for k, v in t.items()}
-        ref = (a64["grad_h"] * (a64["x"] @ a64["val_A"].T)).sum(-1) + (a64["h"] * (a64["grad_y"] @ a64["val_B"])).sum(-1)
-        eager = ((t["grad_h"] * (t["x"] @ t["val_A"].T)).sum(-1) + (t["h"] * (t["grad_y"] @ t["val_B"])).sum(-1)).double()
+        def definition(a):
+            return (a["grad_h"] * (a["x"] @ a["val_A"].T)).sum(-1) + (a["h"] * (a["grad_y"] @ a["val_B"])).sum(-1)
+
+        ref, eager = definition(a64), definition(t).double()
         row = {"N": n, "d_in": d_in, "d_out": d_out, "r": r, "dtype": "bf16",
                "eager_bf16_max_err": (eager - ref).abs().max().item()}
         bytes_moved = n * (d_in + d_out + 2 * r) * 2 + (d_in + d_out) * r * 2 + n * 4 * 2
         for name, mod in backends.items():
             out = torch.zeros(n, device="cuda")
-            mod.accumulate_token_scores(*t.values(), 1.0, out)
+            mod.token_influence(*t.values(), 1.0, out)
             torch.cuda.synchronize()
             row[f"{name}_max_err"] = (out.double() - ref).abs().max().item()
-            ms = triton.testing.do_bench(lambda: mod.accumulate_token_scores(*t.values(), 1.0, out),
+            ms = triton.testing.do_bench(functools.partial(mod.token_influence, *t.values(), 1.0, out),
                                          warmup=25, rep=200)
             row[f"{name}_ms"] = ms
             row[f"{name}_GBps"] = bytes_moved / ms / 1e6
@@ -93,7 +96,7 @@ def main() -> int:
 
     header = f"{'d_in':>5} {'d_out':>5} {'r':>3} | {'cuda ms':>8} {'triton ms':>9} {'torch ms':>8} | " \
              f"{'cuda GB/s':>9} {'speedup':>7} | {'cuda err':>9} {'triton err':>10} {'eager err':>9} ok"
-    print(f"\ninfluence accumulate_token_scores, N = {N_TOKENS}, bf16, {result['device']}")
+    print(f"\ntoken_influence, N = {N_TOKENS}, bf16, {result['device']}")
     print(header)
     print("-" * len(header))
     for r in rows:

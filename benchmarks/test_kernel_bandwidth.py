@@ -3,12 +3,10 @@ measured in the same run (bytes read + written). CUDA only: on CPU there is noth
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
 from conftest import DEVICE, RESULTS, save_results
+
 from ippo.kernels.backends import select_backend, unavailable_reason
 
 TOKENS = 16 * 512
@@ -52,7 +50,7 @@ def test_influence_kernel_bandwidth(benchmark, monkeypatch, backend, shape):
     val_A = torch.randn(r, d_in, device=DEVICE, dtype=torch.bfloat16)
     val_B = torch.randn(d_out, r, device=DEVICE, dtype=torch.bfloat16)
     out = torch.zeros(TOKENS, device=DEVICE)
-    kernel = select_backend(x.device)[1].accumulate_token_scores
+    kernel = select_backend(x.device)[1].token_influence
     seconds = benchmark.pedantic(lambda: cuda_time(lambda: kernel(x, h, grad_y, grad_h, val_A, val_B, 1.0, out)),
                                  rounds=1, iterations=1)
     moved = sum(t.numel() * t.element_size() for t in (x, h, grad_y, grad_h, val_A, val_B)) + 2 * out.numel() * 4

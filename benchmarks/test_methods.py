@@ -1,6 +1,6 @@
 """Time, peak memory and score error of every way to get per-episode gradient . validation-gradient scores.
 
-Methods (``ippo.baselines``): plain forward+backward (the baseline), InfluenceScorer per backend, the
+Methods (``baselines.py``): plain forward+backward (the baseline), InfluenceScorer per backend, the
 per-episode backward loop (published method), torch.func vmap per-sample gradients, eager "reduced ghost"
 hooks, eager LoGra-style projection hooks. Run: ``pytest benchmarks/ --benchmark-only``.
 """
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
+from baselines import METHODS, full_row_losses
 from conftest import CONFIGS, DEVICE, RESULTS, save_results, setup
-from ippo.baselines import METHODS, full_row_losses
-from ippo.demo import lora_llama
+
 from ippo.kernels import validation_gradients
 from ippo.kernels.backends import unavailable_reason
+from ippo.testing import lora_llama
 
 SCORERS = ["scorer[torch]", "scorer[triton]", "scorer[cuda]"]
 # Rounds per measurement (after one warm-up); the loop costs B backward passes a round.
@@ -82,16 +81,15 @@ def test_score_error_vs_float64_loop(benchmark):
     """Relative error (max |s - s_ref| / max |s_ref|) of each method against the float64 per-episode loop,
     at a small size in float64 (exact methods: rounding only) and in the benchmark dtype."""
     torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=32)
-    model64 = lora_llama(config, 16, DEVICE, torch.float64)
+    shape = dict(hidden_size=64, intermediate_size=176, seed=1, device=DEVICE)
+    model64 = lora_llama(512, 16, dtype=torch.float64, **shape)
     batch = (torch.randint(0, 512, (6, 32), device=DEVICE), torch.randn(6, device=DEVICE, dtype=torch.float64))
     val_ids = torch.randint(0, 512, (2, 32), device=DEVICE)
     val = validation_gradients(model64, full_row_losses(model64, val_ids, torch.ones(2, device=DEVICE)).sum())
     reference = METHODS["per-episode loop"](model64, batch, val)
     low = {"float64": (model64, val)}
     if DEVICE == "cuda":
-        model_low = lora_llama(config, 16, DEVICE, torch.bfloat16)
+        model_low = lora_llama(512, 16, dtype=torch.bfloat16, **shape)
         model_low.load_state_dict(model64.state_dict())
         low["bfloat16"] = (model_low, {k: type(v)(v.A.bfloat16(), v.B.bfloat16()) for k, v in val.items()})
 

@@ -58,21 +58,21 @@ int cc_major(int device, const std::string& what) {
   return major;
 }
 
-void token_scores(const MatTuple& x, const MatTuple& h, const MatTuple& gy, const MatTuple& gh, const MatTuple& va,
-                  const MatTuple& vb, uintptr_t out, int out_dtype, int64_t out_stride, int64_t n, int64_t d_in,
-                  int64_t d_out, int64_t r, double scaling, int device, uintptr_t stream) {
-  const std::string what = "token_scores";
-  if (n < 0 || d_in < 0 || d_out < 0 || r < 1) throw py::value_error("token_scores: need n, d_in, d_out >= 0, r >= 1");
-  if (out_dtype != ippo::kF32 && out_dtype != ippo::kF64) throw py::value_error("token_scores: out must be fp32/fp64");
+void token_influence(const MatTuple& x, const MatTuple& h, const MatTuple& gy, const MatTuple& gh, const MatTuple& va,
+                     const MatTuple& vb, uintptr_t out, int out_dtype, int64_t out_stride, int64_t n, int64_t d_in,
+                     int64_t d_out, int64_t r, double scaling, int device, uintptr_t stream) {
+  const std::string what = "token_influence";
+  if (n < 0 || d_in < 0 || d_out < 0 || r < 1) throw py::value_error(what + ": need n, d_in, d_out >= 0, r >= 1");
+  if (out_dtype != ippo::kF32 && out_dtype != ippo::kF64) throw py::value_error(what + ": out must be fp32/fp64");
   const ippo::Mat mx = to_mat(x, "x"), mh = to_mat(h, "h"), mgy = to_mat(gy, "grad_y"), mgh = to_mat(gh, "grad_h"),
                   mva = to_mat(va, "val_A"), mvb = to_mat(vb, "val_B");
   if (n == 0) return;
   py::gil_scoped_release release;
   DeviceGuard guard(device, what);
   cudaGetLastError();  // clear a stale non-sticky error so the one reported below is ours
-  check(ippo::launch_token_scores(mx, mh, mgy, mgh, mva, mvb, reinterpret_cast<void*>(out), out_dtype, out_stride, n,
-                                  d_in, d_out, r, scaling, cc_major(device, what),
-                                  reinterpret_cast<cudaStream_t>(stream)),
+  check(ippo::launch_token_influence(mx, mh, mgy, mgh, mva, mvb, reinterpret_cast<void*>(out), out_dtype, out_stride,
+                                     n, d_in, d_out, r, scaling, cc_major(device, what),
+                                     reinterpret_cast<cudaStream_t>(stream)),
         what);
 }
 
@@ -143,7 +143,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("archs") = split_archs(IPPO_CUDA_ARCHS);  // e.g. ["sm_80", "sm_90", "compute_90"]
   mod.attr("DTYPE_CODES") = py::dict(py::arg("float16") = int(ippo::kF16), py::arg("bfloat16") = int(ippo::kBF16),
                                      py::arg("float32") = int(ippo::kF32), py::arg("float64") = int(ippo::kF64));
-  mod.def("token_scores", &token_scores,
+  mod.def("token_influence", &token_influence,
           "out[t] += grad_h[t].(val_A x[t]) + scaling * grad_y[t].(val_B h[t]); matrices as (ptr, dtype, s0, s1)",
           py::arg("x"), py::arg("h"), py::arg("grad_y"), py::arg("grad_h"), py::arg("val_A"), py::arg("val_B"),
           py::arg("out"), py::arg("out_dtype"), py::arg("out_stride"), py::arg("n"), py::arg("d_in"),

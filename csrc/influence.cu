@@ -2,12 +2,12 @@
 //   out[t] += sum_j grad_h[t, j] a[t, j] + scaling * sum_j h[t, j] b[t, j],
 //   a = x val_A^T (n x r),  b = grad_y val_B (n x r)
 // Same math as ippo/kernels/triton_influence.py. Two kernels:
-//  * influence_tc_kernel: fp16/bf16 operands on tensor cores (WMMA m16n16k16, exact products, fp32
+//  * token_influence_tc_kernel: fp16/bf16 operands on tensor cores (WMMA m16n16k16, exact products, fp32
 //    accumulation), sm_80+. A block owns 32 tokens; its warps split the feature dimension (split-K
 //    inside the block), each warp streams its own tiles through warp-private shared memory, folds its
 //    partial a / b into partial token scores (linear in a and b), and the warps' partials are summed in
 //    a fixed order: deterministic, no atomics.
-//  * influence_generic_kernel<A>: any dtype mix, CUDA-core FMAs in A = float or double.
+//  * token_influence_kernel<A>: any dtype mix, CUDA-core FMAs in A = float or double.
 // Ranks are processed in chunks (64 for the tensor-core kernel, 16 for the generic one); each chunk
 // adds its share to out, so any r >= 1 works.
 #include <algorithm>
@@ -56,9 +56,9 @@ __device__ __forceinline__ void warp_load_tile(uint16_t* s, int ld, const uint16
 
 template <class T, int RT>
 __global__ void __launch_bounds__(32 * tc_warps(RT))
-influence_tc_kernel(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, float* __restrict__ out, int64_t out_stride,
-                    int64_t n, int d_in, int d_out, int rc, float scaling, bool vec_x, bool vec_gy, bool vec_va,
-                    bool vec_vb) {
+token_influence_tc_kernel(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, float* __restrict__ out,
+                          int64_t out_stride, int64_t n, int d_in, int d_out, int rc, float scaling, bool vec_x,
+                          bool vec_gy, bool vec_va, bool vec_vb) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   constexpr int kWarps = tc_warps(RT);
@@ -203,8 +203,8 @@ constexpr int kGenBK = 32;  // feature columns per step
 
 template <class A>
 __global__ void __launch_bounds__(kGenBN * kGenRB)
-influence_generic_kernel(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, A* __restrict__ out, int64_t out_stride,
-                         int64_t n, int d_in, int d_out, int rc, A scaling) {
+token_influence_kernel(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, A* __restrict__ out, int64_t out_stride,
+                       int64_t n, int d_in, int d_out, int rc, A scaling) {
   __shared__ A sx[kGenBN][kGenBK + 1];
   __shared__ A sv[kGenRB][kGenBK + 1];
   const int tid = threadIdx.x;
@@ -278,28 +278,29 @@ bool vec_ok(const Mat& m) {
 }
 
 template <class T, int RT>
-void launch_tc(const Mat& x, const Mat& h, const Mat& gy, const Mat& gh, const Mat& va, const Mat& vb, float* out,
-               int64_t out_stride, int64_t n, int d_in, int d_out, int rc, float scaling, cudaStream_t stream) {
+void launch_tc_chunk(const Mat& x, const Mat& h, const Mat& gy, const Mat& gh, const Mat& va, const Mat& vb,
+                     float* out, int64_t out_stride, int64_t n, int d_in, int d_out, int rc, float scaling,
+                     cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(n, kTcBN)));
-  influence_tc_kernel<T, RT><<<grid, 32 * tc_warps(RT), 0, stream>>>(
+  token_influence_tc_kernel<T, RT><<<grid, 32 * tc_warps(RT), 0, stream>>>(
       x, h, gy, gh, va, vb, out, out_stride, n, d_in, d_out, rc, scaling, vec_ok(x), vec_ok(gy), vec_ok(va),
       // val_B tiles are [k][rank]: vectorized along ranks.
       vec_ok(vb));
 }
 
 template <class T>
-cudaError_t token_scores_tc(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, float* out, int64_t out_stride, int64_t n,
-                            int d_in, int d_out, int64_t r, float scaling, cudaStream_t stream) {
+cudaError_t launch_tc(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, float* out, int64_t out_stride, int64_t n,
+                      int d_in, int d_out, int64_t r, float scaling, cudaStream_t stream) {
   for (int64_t r0 = 0; r0 < r; r0 += 64) {
     const int rc = static_cast<int>(std::min<int64_t>(64, r - r0));
     const Mat hc = offset(h, r0 * h.s1), ghc = offset(gh, r0 * gh.s1);
     const Mat vac = offset(va, r0 * va.s0), vbc = offset(vb, r0 * vb.s1);
     if (rc <= 16) {
-      launch_tc<T, 1>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
+      launch_tc_chunk<T, 1>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
     } else if (rc <= 32) {
-      launch_tc<T, 2>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
+      launch_tc_chunk<T, 2>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
     } else {
-      launch_tc<T, 4>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
+      launch_tc_chunk<T, 4>(x, hc, gy, ghc, vac, vbc, out, out_stride, n, d_in, d_out, rc, scaling, stream);
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -308,12 +309,12 @@ cudaError_t token_scores_tc(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, float*
 }
 
 template <class A>
-cudaError_t token_scores_generic(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, A* out, int64_t out_stride, int64_t n,
-                                 int d_in, int d_out, int64_t r, A scaling, cudaStream_t stream) {
+cudaError_t launch_generic(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, A* out, int64_t out_stride, int64_t n,
+                           int d_in, int d_out, int64_t r, A scaling, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(n, kGenBN)));
   for (int64_t r0 = 0; r0 < r; r0 += kGenRB) {
     const int rc = static_cast<int>(std::min<int64_t>(kGenRB, r - r0));
-    influence_generic_kernel<A><<<grid, kGenBN * kGenRB, 0, stream>>>(
+    token_influence_kernel<A><<<grid, kGenBN * kGenRB, 0, stream>>>(
         x, offset(h, r0 * h.s1), gy, offset(gh, r0 * gh.s1), offset(va, r0 * va.s0), offset(vb, r0 * vb.s1), out,
         out_stride, n, d_in, d_out, rc, scaling);
     const cudaError_t err = cudaGetLastError();
@@ -324,9 +325,9 @@ cudaError_t token_scores_generic(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, A
 
 }  // namespace
 
-cudaError_t launch_token_scores(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, void* out, int out_dtype,
-                                int64_t out_stride, int64_t n, int64_t d_in, int64_t d_out, int64_t r,
-                                double scaling, int cc_major, cudaStream_t stream) {
+cudaError_t launch_token_influence(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, void* out, int out_dtype,
+                                   int64_t out_stride, int64_t n, int64_t d_in, int64_t d_out, int64_t r,
+                                   double scaling, int cc_major, cudaStream_t stream) {
   if (n <= 0 || r <= 0) return cudaSuccess;
   if (d_in > INT32_MAX || d_out > INT32_MAX || ceil_div(n, kGenBN) > INT32_MAX) return cudaErrorInvalidValue;
   const int di = static_cast<int>(d_in), dout = static_cast<int>(d_out);
@@ -335,15 +336,15 @@ cudaError_t launch_token_scores(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, vo
   if (out_dtype == kF32 && same16 && cc_major >= 8) {
     float* o = static_cast<float*>(out);
     const float s = static_cast<float>(scaling);
-    return dt == kF16 ? token_scores_tc<__half>(x, h, gy, gh, va, vb, o, out_stride, n, di, dout, r, s, stream)
-                      : token_scores_tc<__nv_bfloat16>(x, h, gy, gh, va, vb, o, out_stride, n, di, dout, r, s, stream);
+    return dt == kF16 ? launch_tc<__half>(x, h, gy, gh, va, vb, o, out_stride, n, di, dout, r, s, stream)
+                      : launch_tc<__nv_bfloat16>(x, h, gy, gh, va, vb, o, out_stride, n, di, dout, r, s, stream);
   }
   if (out_dtype == kF64) {
-    return token_scores_generic<double>(x, h, gy, gh, va, vb, static_cast<double*>(out), out_stride, n, di, dout, r,
-                                        scaling, stream);
+    return launch_generic<double>(x, h, gy, gh, va, vb, static_cast<double*>(out), out_stride, n, di, dout, r,
+                                  scaling, stream);
   }
-  return token_scores_generic<float>(x, h, gy, gh, va, vb, static_cast<float*>(out), out_stride, n, di, dout, r,
-                                     static_cast<float>(scaling), stream);
+  return launch_generic<float>(x, h, gy, gh, va, vb, static_cast<float*>(out), out_stride, n, di, dout, r,
+                               static_cast<float>(scaling), stream);
 }
 
 }  // namespace ippo

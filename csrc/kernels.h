@@ -23,9 +23,9 @@ struct Mat {
 // out[t * out_stride] += grad_h[t] . (val_A x[t]) + scaling * grad_y[t] . (val_B h[t]),  t < n.
 // x (n, d_in), h (n, r), gy (n, d_out), gh (n, r), va (r, d_in), vb (d_out, r); out fp32 or fp64
 // (the accumulation dtype). cc_major: compute capability of the current device (tensor cores if >= 8).
-cudaError_t launch_token_scores(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, void* out, int out_dtype,
-                                int64_t out_stride, int64_t n, int64_t d_in, int64_t d_out, int64_t r,
-                                double scaling, int cc_major, cudaStream_t stream);
+cudaError_t launch_token_influence(Mat x, Mat h, Mat gy, Mat gh, Mat va, Mat vb, void* out, int out_dtype,
+                                   int64_t out_stride, int64_t n, int64_t d_in, int64_t d_out, int64_t r,
+                                   double scaling, int cc_major, cudaStream_t stream);
 
 // out[t, j] = inv_sqrt_m * sum_c sign(j, c) x[t, c] for t < n, j < m; out fp32 or fp64.
 cudaError_t launch_project_rows(Mat x, void* out, int out_dtype, int64_t so0, int64_t so1, int64_t n, int64_t d,

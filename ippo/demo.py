@@ -12,31 +12,10 @@ import argparse
 import time
 
 import torch
-from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ippo.kernels import InfluenceScorer, validation_gradients
 from ippo.kernels.backends import select_backend
-from ippo.train.model import add_lora
-
-
-def lora_llama(config: LlamaConfig, rank: int, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Random-init Llama of ``config`` with peft LoRA (rank, alpha = 2 rank) on every projection; lora_B
-    is drawn N(0, 0.02) instead of peft's zeros, as after some training (else every dl/dA is zero)."""
-    with torch.device(device):  # initialize in place: a 1.5B model is slow to init on CPU and move
-        model = add_lora(LlamaForCausalLM(config).to(dtype), r=rank, alpha=2 * rank)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return model
-
-
-def episode_losses(model, input_ids, mask, advantages) -> torch.Tensor:
-    """(B,) l_i = -A_i * sum_t log p(token_t+1 | <= t) over the episode's own tokens (REINFORCE-style)."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0] * mask[:, 1:]
-    return -advantages * logp.sum(1)
+from ippo.testing import episode_losses, lora_llama, next_token_targets, per_episode_loop
 
 
 def main(argv=None) -> None:
@@ -53,45 +32,42 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     vocab = 2048
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-                         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 192),
-                         vocab_size=vocab, max_position_embeddings=args.max_tokens)
-    model = lora_llama(config, args.rank, device)
+    model = lora_llama(vocab, args.rank, seed=args.seed, hidden_size=args.hidden, num_layers=args.layers,
+                       intermediate_size=args.hidden * 8 // 3, num_heads=max(1, args.hidden // 64),
+                       num_kv_heads=max(1, args.hidden // 192), device=device)
     lengths = torch.randint(2, args.max_tokens + 1, (args.episodes,))
     input_ids = torch.randint(0, vocab, (args.episodes, args.max_tokens), device=device)
     mask = (torch.arange(args.max_tokens)[None, :] < lengths[:, None]).long().to(device)  # right padding
     advantages = torch.randn(args.episodes, device=device)
+    targets, weights = next_token_targets(input_ids, advantages, mask)
     segment_ids = torch.where(mask.bool(), torch.arange(args.episodes, device=device)[:, None], -1)
     val_ids = torch.randint(0, vocab, (8, args.max_tokens), device=device)
-    val_loss = -episode_losses(model, val_ids, torch.ones_like(val_ids), torch.ones(8, device=device)).mean()
+    val_weights = torch.full((8,), 1 / 8, device=device)  # val loss: mean negative log-likelihood of 8 sequences
+    val_loss = episode_losses(model, val_ids, *next_token_targets(val_ids, val_weights)).sum()
     val_grads = validation_gradients(model, val_loss)
     backend, _ = select_backend(torch.device(device))
     print(f"model: {args.layers} layers x {args.hidden} wide, LoRA r={args.rank} on 7 projections; "
           f"{args.episodes} episodes of {lengths.min().item()}..{lengths.max().item()} tokens; "
           f"device {device}, backend {backend}")
 
-    episode_losses(model, input_ids, mask, advantages).sum().backward()  # warm-up, untimed
+    def loss():
+        return episode_losses(model, input_ids, targets, weights, mask).sum()
+
+    loss().backward()  # warm-up, untimed
     model.zero_grad()
     start = time.perf_counter()
-    episode_losses(model, input_ids, mask, advantages).sum().backward()
+    loss().backward()
     plain_s = time.perf_counter() - start
     model.zero_grad()
 
     start = time.perf_counter()
     with InfluenceScorer(model, val_grads, segment_ids, args.episodes) as scorer:
-        episode_losses(model, input_ids, mask, advantages).sum().backward()
+        loss().backward()
     scores = scorer.scores
     scored_s = time.perf_counter() - start
 
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    flat_val = torch.cat([g.flatten().float() for v in val_grads.values() for g in v])
     start = time.perf_counter()
-    loop = []
-    for i in tqdm(range(args.episodes), desc="per-episode backward loop", leave=False):
-        n = int(lengths[i])
-        loss = episode_losses(model, input_ids[i:i + 1, :n], mask[i:i + 1, :n], advantages[i:i + 1]).sum()
-        loop.append(torch.cat([g.flatten().float() for g in torch.autograd.grad(loss, params)]) @ flat_val)
-    loop = torch.stack(loop)
+    loop = per_episode_loop(model, val_grads, input_ids, targets, weights, mask)
     loop_s = time.perf_counter() - start
 
     print(f"{'episode':>7} {'tokens':>6} {'one backward':>14} {'per-episode':>14}  I-PPO")

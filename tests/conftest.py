@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -11,6 +13,9 @@ import pytest  # noqa: E402
 from ippo.kernels.backends import unavailable_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# benchmarks/ is a folder of scripts, not a package: its modules (baselines.py) import by their own names, as in
+# benchmarks/ itself. Appended, so no benchmark module shadows anything.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(params=["torch", "triton", "cuda"])

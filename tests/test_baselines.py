@@ -1,22 +1,19 @@
-"""The peer methods of ippo.baselines (used by the benchmarks) against the per-episode loop, in float64."""
+"""The peer methods of benchmarks/baselines.py against the per-episode loop, in float64."""
 
 import torch
-from transformers import LlamaConfig
-
+from baselines import METHODS, full_row_losses
 from conftest import DEVICE
-from ippo.baselines import METHODS, full_row_losses
-from ippo.demo import lora_llama
+
 from ippo.kernels import validation_gradients
+from ippo.testing import lora_llama
 
 
 def setup():
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
-    model = lora_llama(config, 3, DEVICE, torch.float64)
+    model = lora_llama(64, 3, hidden_size=32, intermediate_size=48, dtype=torch.float64, device=DEVICE)
     batch = (torch.randint(0, 64, (5, 12), device=DEVICE), torch.randn(5, dtype=torch.float64, device=DEVICE))
     val_loss = full_row_losses(model, torch.randint(0, 64, (3, 12), device=DEVICE),
-                       torch.ones(3, dtype=torch.float64, device=DEVICE)).sum()
+                               torch.ones(3, dtype=torch.float64, device=DEVICE)).sum()
     return model, batch, validation_gradients(model, val_loss)
 
 

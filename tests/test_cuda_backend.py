@@ -23,7 +23,8 @@ except ImportError:
 PROBLEM = cuda_backend.build_problem()
 HAS_DEVICE = PROBLEM is None and torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(_C is None, reason=f"ippo._C unavailable: {PROBLEM}")
-needs_device = pytest.mark.skipif(not HAS_DEVICE, reason=f"needs a CUDA device and ippo._C: {PROBLEM or 'no CUDA device'}")
+needs_device = pytest.mark.skipif(not HAS_DEVICE,
+                                  reason=f"needs a CUDA device and ippo._C: {PROBLEM or 'no CUDA device'}")
 no_device = pytest.mark.skipif(_C is None or HAS_DEVICE or torch.cuda.is_available(),
                                reason="checks the no-device path (needs ippo._C and no CUDA device)")
 FP32_ULP = 2.0 ** -24
@@ -57,19 +58,19 @@ def test_launch_without_device_raises_cuda_error():
         _C.project_rows((0, 2, 1, 1), 0, 2, 1, 1, 1, 1, 1, 0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="CUDA error"):
         x = (0, 2, 1, 1)
-        _C.token_scores(x, x, x, x, x, x, 0, 2, 1, 1, 1, 1, 1, 1.0, 0, 0)
+        _C.token_influence(x, x, x, x, x, x, 0, 2, 1, 1, 1, 1, 1, 1.0, 0, 0)
 
 
 @needs_ext
 def test_extension_argument_checks():
     x = (0, 2, 1, 1)
     with pytest.raises(ValueError, match="dtype code"):
-        _C.token_scores((0, 9, 1, 1), x, x, x, x, x, 0, 2, 1, 1, 1, 1, 1, 1.0, 0, 0)
+        _C.token_influence((0, 9, 1, 1), x, x, x, x, x, 0, 2, 1, 1, 1, 1, 1, 1.0, 0, 0)
     with pytest.raises(ValueError, match="r >= 1"):
-        _C.token_scores(x, x, x, x, x, x, 0, 2, 1, 1, 1, 1, 0, 1.0, 0, 0)
+        _C.token_influence(x, x, x, x, x, x, 0, 2, 1, 1, 1, 1, 0, 1.0, 0, 0)
     with pytest.raises(ValueError, match="fp32/fp64"):
         _C.project_rows(x, 0, 0, 1, 1, 1, 1, 1, 0, 1.0, 0, 0)
-    _C.token_scores(x, x, x, x, x, x, 0, 2, 1, 0, 4, 4, 2, 1.0, 0, 0)  # n = 0: no launch, no device needed
+    _C.token_influence(x, x, x, x, x, x, 0, 2, 1, 0, 4, 4, 2, 1.0, 0, 0)  # n = 0: no launch, no device needed
 
 
 def test_cuda_backend_on_cpu_tensors_raises(monkeypatch):
@@ -85,7 +86,7 @@ def test_cuda_backend_on_cpu_tensors_raises(monkeypatch):
         gradient_sketches(x, h, gy, gh, seg, 1, k=4 * r)
     if _C is not None:
         with pytest.raises(RuntimeError, match="cuda backend"):
-            cuda_backend.accumulate_token_scores(x, h, gy, gh, va, vb, 1.0, torch.zeros(n))
+            cuda_backend.token_influence(x, h, gy, gh, va, vb, 1.0, torch.zeros(n))
 
 
 # ---- on a CUDA device -------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def _tokens(t, scaling, dtype):
 
 def _magnitude(t, scaling):
     a = {k: v.double().abs() for k, v in t.items()}
-    return (a["grad_h"] * (a["x"] @ a["val_A"].T)).sum(-1) + abs(scaling) * (a["h"] * (a["grad_y"] @ a["val_B"])).sum(-1)
+    term_a = (a["grad_h"] * (a["x"] @ a["val_A"].T)).sum(-1)
+    return term_a + abs(scaling) * (a["h"] * (a["grad_y"] @ a["val_B"])).sum(-1)
 
 
 def _assert_within(ours, ref, eager, magnitude, what):
@@ -131,13 +133,13 @@ def _assert_within(ours, ref, eager, magnitude, what):
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_token_scores_vs_float64(shape, dtype, layout):
+def test_token_influence_vs_float64(shape, dtype, layout):
     n, d_in, d_out, r = shape
     t = _inputs(n, d_in, d_out, r, dtype, layout, seed=zlib.crc32(f"{shape}{dtype}{layout}".encode()))
     scaling = 0.75
     out0 = torch.randn(n, device="cuda")  # accumulates into out
     out = out0.clone()
-    cuda_backend.accumulate_token_scores(*t.values(), scaling, out)
+    cuda_backend.token_influence(*t.values(), scaling, out)
     torch.cuda.synchronize()
     ref = out0.double() + _tokens(t, scaling, torch.float64)
     eager = out0.double() + _tokens(t, scaling, dtype).double()
@@ -146,17 +148,17 @@ def test_token_scores_vs_float64(shape, dtype, layout):
 
 @needs_device
 @pytest.mark.parametrize("shape", [(1, 3, 5, 1), (100, 300, 70, 20)], ids=str)
-def test_token_scores_float64_and_mixed(shape):
+def test_token_influence_float64_and_mixed(shape):
     n, d_in, d_out, r = shape
     t = _inputs(n, d_in, d_out, r, torch.float64, "strided", seed=1)
     out = torch.zeros(n, dtype=torch.float64, device="cuda")
-    cuda_backend.accumulate_token_scores(*t.values(), 2.0, out)
+    cuda_backend.token_influence(*t.values(), 2.0, out)
     ref = _tokens(t, 2.0, torch.float64)
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12 * _magnitude(t, 2.0).max().item())
     mixed = {k: v.to(dt) for (k, v), dt in zip(t.items(), [torch.bfloat16, torch.float32, torch.float16,
                                                             torch.float32, torch.bfloat16, torch.float16])}
     out32 = torch.zeros(n, device="cuda")
-    cuda_backend.accumulate_token_scores(*mixed.values(), 2.0, out32)
+    cuda_backend.token_influence(*mixed.values(), 2.0, out32)
     ref = _tokens(mixed, 2.0, torch.float64)
     _assert_within(out32, ref, _tokens(mixed, 2.0, torch.float32), _magnitude(mixed, 2.0), f"mixed {shape}")
 
@@ -190,13 +192,13 @@ def test_influence_scores_cuda_vs_triton_vs_float64(shape, dtype, monkeypatch):
 
 
 @needs_device
-def test_token_scores_on_side_stream():
+def test_token_influence_on_side_stream():
     t = _inputs(257, 300, 500, 16, torch.bfloat16, "contiguous", seed=3)
     out = torch.zeros(257, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cuda_backend.accumulate_token_scores(*t.values(), 1.0, out)
+        cuda_backend.token_influence(*t.values(), 1.0, out)
     stream.synchronize()
     ref = _tokens(t, 1.0, torch.float64)
     _assert_within(out, ref, _tokens(t, 1.0, torch.bfloat16), _magnitude(t, 1.0), "side stream")

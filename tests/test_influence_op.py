@@ -4,8 +4,8 @@ import zlib
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from ippo.kernels import influence_scores
 
 # (N tokens, d_in, d_out, r, episodes): ragged, degenerate, and dims that are no multiple of any block.

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from test_influence_op import random_inputs
+
 from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
 from ippo.kernels.backends import select_backend
-from test_influence_op import random_inputs
 
 
 def op_inputs(dtype=torch.float32, n=33, d_in=20, d_out=12, r=3, episodes=4):
@@ -17,11 +17,78 @@ def op_inputs(dtype=torch.float32, n=33, d_in=20, d_out=12, r=3, episodes=4):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_opcheck(backend, dtype):
     args, segment_ids, episodes = op_inputs(dtype)
+    torch.library.opcheck(torch.ops.ippo.token_influence.default, (*args.values(), 0.5))
     torch.library.opcheck(torch.ops.ippo.influence_scores.default,
                           (*args.values(), segment_ids, episodes, 0.5))
     sketch_args = [args[k] for k in ("x", "h", "grad_y", "grad_h")]
     torch.library.opcheck(torch.ops.ippo.gradient_sketches.default,
                           (*sketch_args, segment_ids, episodes, 12, 7, 2, 0.5))
+
+
+def test_influence_scores_is_the_segment_sum_of_token_influence(backend):
+    args, segment_ids, episodes = op_inputs(torch.float64)
+    tokens = torch.ops.ippo.token_influence(*args.values(), 0.5)
+    assert tokens.shape == (segment_ids.shape[0],) and tokens.dtype == torch.float64
+    per_episode = torch.zeros(episodes, dtype=torch.float64, device=DEVICE).index_add_(
+        0, segment_ids.clamp_min(0), tokens * (segment_ids >= 0))
+    torch.testing.assert_close(influence_scores(**args, segment_ids=segment_ids, num_segments=episodes, scaling=0.5),
+                               per_episode, rtol=1e-12, atol=1e-12)
+
+
+def test_op_schemas_default_like_the_wrappers():
+    """scaling = 1.0 (and seed = layer = 0 for the sketches) when left out of a torch.ops call."""
+    args, segment_ids, episodes = op_inputs(torch.float64)
+    ops = torch.ops.ippo
+    assert torch.equal(ops.influence_scores(*args.values(), segment_ids, episodes),
+                       ops.influence_scores(*args.values(), segment_ids, episodes, 1.0))
+    assert torch.equal(ops.token_influence(*args.values()), ops.token_influence(*args.values(), 1.0))
+    sketch_args = [args[k] for k in ("x", "h", "grad_y", "grad_h")]
+    assert torch.equal(ops.gradient_sketches(*sketch_args, segment_ids, episodes, 12),
+                       ops.gradient_sketches(*sketch_args, segment_ids, episodes, 12, 0, 0, 1.0))
+
+
+@pytest.mark.parametrize("device", [DEVICE, "meta"])
+def test_ops_check_their_own_inputs(device):
+    """torch.ops callers get the wrappers' errors, not an out-of-bounds read; on meta tensors the fake impls
+    (what torch.compile traces) raise the same."""
+    args, segment_ids, episodes = op_inputs()
+    args, segment_ids = {k: v.to(device) for k, v in args.items()}, segment_ids.to(device)
+    short_h = dict(args, h=args["h"][:5])
+    message = r"h has shape \(5, 3\), i\.e\. N=5, but x \(33, 20\) has N=33"
+    with pytest.raises(ValueError, match="influence_scores: " + message):
+        torch.ops.ippo.influence_scores(*short_h.values(), segment_ids, episodes)
+    with pytest.raises(ValueError, match="token_influence: " + message):
+        torch.ops.ippo.token_influence(*short_h.values())
+    sketch_args = [short_h[k] for k in ("x", "h", "grad_y", "grad_h")]
+    with pytest.raises(ValueError, match="gradient_sketches: " + message):
+        torch.ops.ippo.gradient_sketches(*sketch_args, segment_ids, episodes, 12)
+    with pytest.raises(ValueError, match=r"gradient_sketches: k must be a positive multiple of 2 \* r = 6; got 8"):
+        torch.ops.ippo.gradient_sketches(*(args[k] for k in ("x", "h", "grad_y", "grad_h")), segment_ids, episodes, 8)
+    with pytest.raises(ValueError, match="influence_scores: segment_ids must be an int32 or int64 tensor"):
+        torch.ops.ippo.influence_scores(*args.values(), segment_ids.float(), episodes)
+    other = "cpu" if device == "meta" else "meta"
+    elsewhere = dict(args, val_B=torch.zeros(args["val_B"].shape, device=other))
+    with pytest.raises(ValueError, match=rf"token_influence: all tensors must be on one device; .*val_B on {other}"):
+        torch.ops.ippo.token_influence(*elsewhere.values())
+
+
+def test_op_never_reads_out_of_bounds_segments():
+    """An id past num_segments, which only the wrapper's value check names, still raises in a direct op call."""
+    args, segment_ids, episodes = op_inputs()
+    args = {k: v.cpu() for k, v in args.items()}
+    with pytest.raises(IndexError):
+        torch.ops.ippo.influence_scores(*args.values(), torch.full_like(segment_ids.cpu(), episodes), episodes)
+
+
+def test_non_tensor_argument_names_it():
+    """The wrappers raise ValueError like for any bad input; a direct op call gets the dispatcher's error."""
+    args, segment_ids, episodes = op_inputs()
+    with pytest.raises(ValueError, match="influence_scores: val_A must be a torch.Tensor; got list"):
+        influence_scores(**dict(args, val_A=[[1.0]]), segment_ids=segment_ids, num_segments=episodes)
+    with pytest.raises(ValueError, match="gradient_sketches: grad_y must be a torch.Tensor; got list"):
+        gradient_sketches(args["x"], args["h"], [[1.0]], args["grad_h"], segment_ids, episodes, k=6)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'val_A'"):
+        torch.ops.ippo.influence_scores(*dict(args, val_A=[[1.0]]).values(), segment_ids, episodes)
 
 
 def test_torch_compile_fullgraph(backend):
@@ -55,19 +122,21 @@ def bad_inputs():
     args, segment_ids, episodes = op_inputs()
     n = segment_ids.shape[0]
     return [
-        ("h rank differs", dict(h=args["h"][:, :2]), r"grad_h has shape \(33, 3\), i\.e\. r=3, but h \(33, 2\) has r=2"),
+        ("h rank differs", dict(h=args["h"][:, :2]),
+         r"grad_h has shape \(33, 3\), i\.e\. r=3, but h \(33, 2\) has r=2"),
         ("x 1-D", dict(x=args["x"][:, 0]), r"x must be 2-D with shape \(N, d_in\); got shape \(33,\)"),
-        ("val_A d_in", dict(val_A=args["val_A"][:, :5]), r"val_A has shape \(3, 5\), i\.e\. d_in=5, but x \(33, 20\) has d_in=20"),
+        ("val_A d_in", dict(val_A=args["val_A"][:, :5]),
+         r"val_A has shape \(3, 5\), i\.e\. d_in=5, but x \(33, 20\) has d_in=20"),
         ("val_B d_out", dict(val_B=args["val_B"][:7]), r"val_B has shape \(7, 3\), i\.e\. d_out=7"),
         ("short ids", dict(segment_ids=segment_ids[:-1]), r"segment_ids has shape \(32,\), i\.e\. N=32"),
         ("int x", dict(x=args["x"].long()), r"x must be float16, bfloat16, float32 or float64; got torch.int64"),
-        ("float ids", dict(segment_ids=segment_ids.float()), r"segment_ids must be an int32 or int64 tensor; got torch.float32"),
+        ("float ids", dict(segment_ids=segment_ids.float()),
+         r"segment_ids must be an int32 or int64 tensor; got torch.float32"),
         ("id too big", dict(segment_ids=torch.full((n,), episodes, device=DEVICE)),
          r"segment_ids must lie in \[-1, num_segments\) = \[-1, 4\); got values in \[4, 4\]"),
         ("id -2", dict(segment_ids=torch.full((n,), -2, device=DEVICE)), r"got values in \[-2, -2\]"),
         ("negative count", dict(num_segments=-1), r"num_segments must be a non-negative int; got -1"),
         ("nan scaling", dict(scaling=float("nan")), r"scaling must be a finite number; got nan"),
-        ("list", dict(val_A=[[1.0]]), r"val_A must be a torch.Tensor; got list"),
         ("device", dict(val_B=args["val_B"].to("meta")), r"all tensors must be on one device; got .*val_B on meta"),
     ]
 
@@ -97,7 +166,8 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     import ippo.kernels.backends as backends
 
     monkeypatch.delenv("IPPO_BACKEND", raising=False)
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "triton missing" if name == "triton" else None)
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device: "triton missing" if name == "triton" else None)
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match=r"triton backend unavailable \(triton missing\); using the slower torch"):
         assert select_backend(torch.device("cuda"))[0] == "torch"

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from test_influence_op import random_inputs
+
 from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
 from ippo.kernels.projection import SIDE_IN, SIDE_OUT, projection_salt, rademacher_signs
-from test_influence_op import random_inputs
 
 
 def explicit_sketches(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling):
@@ -27,7 +27,8 @@ def explicit_sketches(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, 
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("shape,k", [((37, 70, 90, 3, 5), 6 * 8), ((100, 130, 64, 16, 4), 32 * 5), ((1, 1, 1, 1, 1), 2)])
+@pytest.mark.parametrize("shape,k", [((37, 70, 90, 3, 5), 6 * 8), ((100, 130, 64, 16, 4), 32 * 5),
+                                     ((1, 1, 1, 1, 1), 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_sketch_matches_explicit_projection(backend, shape, k, dtype):
     generator = torch.Generator().manual_seed(11)

@@ -21,7 +21,8 @@ _MODULES = {"torch": "ippo.kernels.torch_backend", "triton": "ippo.kernels.trito
 _warned: set[str] = set()
 
 
-def _triton_interpret() -> bool:
+def triton_interpret() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (any value but unset, "" and "0")."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -34,7 +35,7 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
             importlib.import_module("triton")
         except ImportError as err:
             return f"triton is not importable ({err}); pip install triton"
-        if device_type == "cuda" or (device_type == "cpu" and _triton_interpret()):
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpret()):
             return None
         if device_type == "cpu":
             return "triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1"

@@ -124,18 +124,18 @@ def _mat(t: torch.Tensor) -> tuple[int, int, int, int]:
     return (t.data_ptr(), DTYPE_CODES[t.dtype], t.stride(0), t.stride(1))
 
 
-def accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
+def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
     """out (N,) += grad_h[t] . (val_A x[t]) + scaling * grad_y[t] . (val_B h[t]); any strides, fp16/bf16/fp32/fp64
     inputs, out float32 (or float64) = the accumulation dtype. Runs on the current stream of the tensors' device."""
-    device = _check_cuda("accumulate_token_scores", dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h, val_A=val_A,
-                                                         val_B=val_B, out=out))
+    device = _check_cuda("token_influence", dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h, val_A=val_A, val_B=val_B,
+                                                 out=out))
     if out.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"cuda backend: out must be float32 or float64; got {out.dtype}")
     n, d_in = x.shape
     d_out, r = val_B.shape
     if n == 0:
         return
-    _extension().token_scores(
+    _extension().token_influence(
         _mat(x), _mat(h), _mat(grad_y), _mat(grad_h), _mat(val_A), _mat(val_B),
         out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0), n, d_in, d_out, r, float(scaling),
         device.index, torch.cuda.current_stream(device).cuda_stream)

@@ -1,5 +1,8 @@
-"""The torch ops ``influence_scores`` and ``gradient_sketches``: argument checks, torch.library registration,
-and the segment reductions shared by every backend.
+"""The torch ops ``token_influence``, ``influence_scores`` and ``gradient_sketches``: argument checks,
+torch.library registration, and the segment reductions shared by every backend.
+
+Each op checks its own inputs (in its implementation and its fake impl, so torch.ops callers and
+torch.compile get the same errors); the Python wrappers add only the segment id value check.
 
 Sign convention: s_i = < dl_i/dtheta , dL_val/dtheta >. A gradient step on episode i moves theta by
 -lr * dl_i/dtheta, which changes L_val by about -lr * s_i: positive s_i means training on episode i
@@ -28,17 +31,20 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def check_shapes(op: str, specs) -> dict[str, int]:
     """Check each (name, tensor, dims) against symbolic dims; returns the bound sizes, e.g. {"N": 12}."""
-    bound: dict[str, tuple[int, str]] = {}
+    sizes: dict[str, int] = {}
+    first: dict[str, tuple[str, torch.Tensor]] = {}  # which tensor bound each dim, for the message
     for name, t, dims in specs:
         if t.dim() != len(dims):
             raise ValueError(f"{op}: {name} must be {len(dims)}-D with shape ({', '.join(dims)}); "
                              f"got shape {tuple(t.shape)}")
         for dim, size in zip(dims, t.shape):
-            if dim in bound and bound[dim][0] != size:
+            if dim not in sizes:
+                sizes[dim], first[dim] = size, (name, t)
+            elif sizes[dim] != size:
+                other, other_t = first[dim]
                 raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, i.e. {dim}={size}, but "
-                                 f"{bound[dim][1]} has {dim}={bound[dim][0]}")
-            bound.setdefault(dim, (size, f"{name} {tuple(t.shape)}"))
-    return {dim: size for dim, (size, _) in bound.items()}
+                                 f"{other} {tuple(other_t.shape)} has {dim}={sizes[dim]}")
+    return sizes
 
 
 def check_tensors(op: str, floats: dict, segment_ids=None, num_segments=None) -> None:
@@ -66,12 +72,16 @@ def check_index_tensor(op: str, segment_ids) -> None:
 
 
 def check_num_segments(op: str, num_segments) -> None:
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
+    if isinstance(num_segments, bool) or not isinstance(num_segments, (int, torch.SymInt)) or num_segments < 0:
         raise ValueError(f"{op}: num_segments must be a non-negative int; got {num_segments!r}")
 
 
-def check_segment_ids(op: str, segment_ids: torch.Tensor, num_segments: int) -> None:
-    """Every id must be -1 (ignored token) or an episode in [0, num_segments). One device sync."""
+def check_segment_ids(op: str, segment_ids, num_segments) -> None:
+    """segment_ids an int tensor, num_segments an int >= 0, and every id -1 (ignored token) or an episode in
+    [0, num_segments). The value check costs one device sync, so it is skipped while torch.compile traces;
+    the ops themselves never read out of bounds (``segment_sum`` indexes with ``index_add_``, which checks)."""
+    check_index_tensor(op, segment_ids)
+    check_num_segments(op, num_segments)
     if segment_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(segment_ids.min()), int(segment_ids.max())
@@ -80,10 +90,26 @@ def check_segment_ids(op: str, segment_ids: torch.Tensor, num_segments: int) -> 
                          f"got values in [{lo}, {hi}]")
 
 
-def check_scaling(op: str, scaling) -> float:
+def check_scaling(op: str, scaling) -> None:
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling must be a finite number; got {scaling!r}")
-    return float(scaling)
+
+
+def check_lora_inputs(op: str, x, h, grad_y, grad_h, val_A=None, val_B=None, segment_ids=None, num_segments=None,
+                      scaling=1.0) -> dict[str, int]:
+    """The static checks of the ops' inputs (types, dtypes, one device, shapes; no device sync), run by each op
+    and its fake impl; returns the sizes, e.g. {"N": 12, "r": 4}. val_A/val_B and segment_ids are optional."""
+    floats = dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h)
+    specs = [("x", x, ("N", "d_in")), ("h", h, ("N", "r")), ("grad_y", grad_y, ("N", "d_out")),
+             ("grad_h", grad_h, ("N", "r"))]
+    if val_A is not None:
+        floats.update(val_A=val_A, val_B=val_B)
+        specs += [("val_A", val_A, ("r", "d_in")), ("val_B", val_B, ("d_out", "r"))]
+    check_tensors(op, floats, segment_ids, num_segments)
+    if segment_ids is not None:
+        specs.append(("segment_ids", segment_ids, ("N",)))
+    check_scaling(op, scaling)
+    return check_shapes(op, specs)
 
 
 def segment_sum(token_values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -106,21 +132,43 @@ def segment_outer_sum(a: torch.Tensor, b: torch.Tensor, segment_ids: torch.Tenso
     return buf[1:]
 
 
-# ---- influence_scores -----------------------------------------------------------------------------------
+# ---- token_influence and influence_scores -------------------------------------------------------------
+
+def token_values(x, h, grad_y, grad_h, val_A, val_B, scaling: float) -> torch.Tensor:
+    """(N,) per-token influence from the selected backend, in the accumulation dtype (inputs already checked)."""
+    _, backend = select_backend(x.device)
+    out = torch.zeros(x.shape[0], dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B), device=x.device)
+    backend.token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling, out)
+    return out
+
+
+@torch.library.custom_op("ippo::token_influence", mutates_args=())
+def _token_influence_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                        val_A: torch.Tensor, val_B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """(N,) per-token influence of one LoRA layer, inputs as in ``influence_scores``, float32 (float64 for
+    float64 inputs): grad_h[t] . (val_A x[t]) + scaling * grad_y[t] . (val_B h[t]). InfluenceScorer adds it
+    up over the layers; ``influence_scores`` is its segment sum."""
+    check_lora_inputs("token_influence", x, h, grad_y, grad_h, val_A, val_B, scaling=scaling)
+    return token_values(x, h, grad_y, grad_h, val_A, val_B, scaling)
+
+
+@_token_influence_op.register_fake
+def _(x, h, grad_y, grad_h, val_A, val_B, scaling=1.0):
+    check_lora_inputs("token_influence", x, h, grad_y, grad_h, val_A, val_B, scaling=scaling)
+    return x.new_empty(x.shape[0], dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B))
+
 
 @torch.library.custom_op("ippo::influence_scores", mutates_args=())
 def _influence_scores_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
                          val_A: torch.Tensor, val_B: torch.Tensor, segment_ids: torch.Tensor,
-                         num_segments: int, scaling: float) -> torch.Tensor:
-    _, backend = select_backend(x.device)
-    token_scores = torch.zeros(x.shape[0], dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B),
-                               device=x.device)
-    backend.accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling, token_scores)
-    return segment_sum(token_scores, segment_ids, num_segments)
+                         num_segments: int, scaling: float = 1.0) -> torch.Tensor:
+    check_lora_inputs("influence_scores", x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
+    return segment_sum(token_values(x, h, grad_y, grad_h, val_A, val_B, scaling), segment_ids, num_segments)
 
 
 @_influence_scores_op.register_fake
-def _(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling):
+def _(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling=1.0):
+    check_lora_inputs("influence_scores", x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
     return x.new_empty(num_segments, dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B))
 
 
@@ -135,25 +183,40 @@ def influence_scores(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, gra
 
         s_i = sum_{t: seg_t = i} grad_h[t] . (val_A x[t]) + scaling * grad_y[t] . (val_B h[t])
 
-    Positive s_i: a gradient step on episode i lowers the validation loss.
+    Positive s_i: a gradient step on episode i lowers the validation loss. Bad input raises ValueError naming
+    the argument (the op checks the same, but the dispatcher refuses a non-tensor before the op runs); this
+    also checks the segment id values (``check_segment_ids``, one device sync).
     """
-    op = "influence_scores"
-    floats = dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h, val_A=val_A, val_B=val_B)
-    check_tensors(op, floats, segment_ids, num_segments)
-    check_shapes(op, [("x", x, ("N", "d_in")), ("h", h, ("N", "r")), ("grad_y", grad_y, ("N", "d_out")),
-                      ("grad_h", grad_h, ("N", "r")), ("val_A", val_A, ("r", "d_in")),
-                      ("val_B", val_B, ("d_out", "r")), ("segment_ids", segment_ids, ("N",))])
-    check_segment_ids(op, segment_ids, num_segments)
-    scaling = check_scaling(op, scaling)
+    check_lora_inputs("influence_scores", x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
+    check_segment_ids("influence_scores", segment_ids, num_segments)
     return torch.ops.ippo.influence_scores(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
 
 
 # ---- gradient_sketches ----------------------------------------------------------------------------------
 
+def check_sketch_params(op: str, k, r: int, seed, layer) -> None:
+    if r < 1:
+        raise ValueError(f"{op}: the LoRA rank r must be >= 1; got r = {r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % (2 * r):
+        raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r}; got {k!r}")
+    for name, value, limit, text in (("seed", seed, projection.SEED_LIMIT, "2**63"),
+                                     ("layer", layer, projection.LAYER_LIMIT, "2**29")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            raise ValueError(f"{op}: {name} must be an int in [0, {text}); got {value!r}")
+
+
+def check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling) -> None:
+    """The static checks of ``gradient_sketches`` (no device sync), run by the op and its fake impl."""
+    dims = check_lora_inputs("gradient_sketches", x, h, grad_y, grad_h, segment_ids=segment_ids,
+                             num_segments=num_segments, scaling=scaling)
+    check_sketch_params("gradient_sketches", k, dims["r"], seed, layer)
+
+
 @torch.library.custom_op("ippo::gradient_sketches", mutates_args=())
 def _gradient_sketches_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
-                          segment_ids: torch.Tensor, num_segments: int, k: int, seed: int, layer: int,
-                          scaling: float) -> torch.Tensor:
+                          segment_ids: torch.Tensor, num_segments: int, k: int, seed: int = 0, layer: int = 0,
+                          scaling: float = 1.0) -> torch.Tensor:
+    check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
     _, backend = select_backend(x.device)
     acc = accumulation_dtype(x, h, grad_y, grad_h)
     m = k // (2 * h.shape[1])
@@ -165,19 +228,9 @@ def _gradient_sketches_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
 
 
 @_gradient_sketches_op.register_fake
-def _(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling):
+def _(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed=0, layer=0, scaling=1.0):
+    check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
     return x.new_empty((num_segments, k), dtype=accumulation_dtype(x, h, grad_y, grad_h))
-
-
-def _check_sketch_params(op: str, k, r: int, seed, layer) -> None:
-    if r < 1:
-        raise ValueError(f"{op}: the LoRA rank r must be >= 1; got r = {r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % (2 * r):
-        raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r}; got {k!r}")
-    for name, value, limit, text in (("seed", seed, projection.SEED_LIMIT, "2**63"),
-                                     ("layer", layer, projection.LAYER_LIMIT, "2**29")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-            raise ValueError(f"{op}: {name} must be an int in [0, {text}); got {value!r}")
 
 
 def gradient_sketches(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
@@ -191,19 +244,16 @@ def gradient_sketches(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, gr
         sketch_i = [ vec(G_A,i P_in^T) , vec(P_out G_B,i) ],  G_A,i = sum_t grad_h[t] x[t]^T,
                                                              G_B,i = scaling * sum_t grad_y[t] h[t]^T
 
-    so E[sketch_i . sketch_lora_gradient(V_A, V_B)] = s_i, with error ~ 1/sqrt(k).
+    so E[sketch_i . sketch_lora_gradient(V_A, V_B)] = s_i, with error ~ 1/sqrt(k). Bad input raises ValueError
+    naming the argument, as in ``influence_scores``.
     """
-    op = "gradient_sketches"
-    check_tensors(op, dict(x=x, h=h, grad_y=grad_y, grad_h=grad_h), segment_ids, num_segments)
-    dims = check_shapes(op, [("x", x, ("N", "d_in")), ("h", h, ("N", "r")), ("grad_y", grad_y, ("N", "d_out")),
-                             ("grad_h", grad_h, ("N", "r")), ("segment_ids", segment_ids, ("N",))])
-    _check_sketch_params(op, k, dims["r"], seed, layer)
-    check_segment_ids(op, segment_ids, num_segments)
-    scaling = check_scaling(op, scaling)
+    check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
+    check_segment_ids("gradient_sketches", segment_ids, num_segments)
     return torch.ops.ippo.gradient_sketches(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
 
 
-def sketch_lora_gradient(grad_A: torch.Tensor, grad_B: torch.Tensor, k: int, seed: int = 0, layer: int = 0) -> torch.Tensor:
+def sketch_lora_gradient(grad_A: torch.Tensor, grad_B: torch.Tensor, k: int, seed: int = 0,
+                         layer: int = 0) -> torch.Tensor:
     """(k,) sketch of a dense LoRA gradient (grad_A: (r, d_in), grad_B: (d_out, r)) with the projection of
     ``gradient_sketches(..., k, seed, layer)``: [vec(grad_A P_in^T), vec(P_out grad_B)].
 
@@ -212,7 +262,7 @@ def sketch_lora_gradient(grad_A: torch.Tensor, grad_B: torch.Tensor, k: int, see
     op = "sketch_lora_gradient"
     check_tensors(op, dict(grad_A=grad_A, grad_B=grad_B))
     r = check_shapes(op, [("grad_A", grad_A, ("r", "d_in")), ("grad_B", grad_B, ("d_out", "r"))])["r"]
-    _check_sketch_params(op, k, r, seed, layer)
+    check_sketch_params(op, k, r, seed, layer)
     eye = torch.eye(r, dtype=grad_A.dtype, device=grad_A.device)
     seg = torch.zeros(r, dtype=torch.long, device=grad_A.device)
     return torch.ops.ippo.gradient_sketches(grad_A, eye, grad_B.T, eye, seg, 1, k, seed, layer, 1.0)[0]

@@ -2,7 +2,7 @@
 
 Every backend exposes the same two primitives; the ops in ``ops.py`` build on them:
 
-* ``accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling, out)``:
+* ``token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling, out)``:
   out[t] += grad_h[t] . (val_A @ x[t]) + scaling * grad_y[t] . (val_B @ h[t])   for t < N
 * ``project_rows(x, salt, m)``: (N, m) rows of x projected by the Rademacher matrix of ``salt``,
   x @ P^T with P = sign / sqrt(m) (see ``projection.py``).
@@ -19,7 +19,7 @@ import torch
 from ippo.kernels.projection import rademacher_signs
 
 
-def accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
+def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
     """out (N,) += per-token influence; a = x V_A^T and b = grad_y V_B are (N, r), never wider."""
     acc = out.dtype
     a = x.to(acc) @ val_A.to(acc).T

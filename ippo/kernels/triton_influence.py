@@ -1,4 +1,4 @@
-"""Triton kernel for the per-token LoRA influence, the hot loop of ``influence_scores`` and ``InfluenceScorer``.
+"""Triton kernel for the per-token LoRA influence ``token_influence``, the hot loop of every influence op.
 
 One program owns BLOCK_N tokens. It streams x (BLOCK_N x d_in) and grad_y (BLOCK_N x d_out) once,
 tile by tile, against the validation gradients and keeps only rank-r accumulators:
@@ -12,18 +12,18 @@ IEEE fp32 for fp32 inputs (no TF32), so the error stays within that of eager tor
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ippo.kernels.triton_utils import TL_DTYPE, dot_dtype, rank_block
 
 BLOCK_N = 32  # 32 tokens a program: enough programs to fill an H100 at 8K tokens
 BLOCK_K = 64
 
 
 @triton.jit
-def _token_influence_kernel(
+def token_influence_kernel(
     x_ptr, h_ptr, gy_ptr, gh_ptr, va_ptr, vb_ptr, out_ptr,
     N, D_IN, D_OUT, R,
     stride_xn, stride_xk, stride_hn, stride_hr, stride_gyn, stride_gyk, stride_ghn, stride_ghr,
@@ -67,42 +67,20 @@ def _token_influence_kernel(
     tl.store(out_ptr + rows, previous + token, mask=row_ok)
 
 
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def dot_dtype(*tensors: torch.Tensor, acc: torch.dtype):
-    """tl.dot operand dtype: fp16/bf16 when every operand is that dtype (tensor cores, exact products,
-    fp32 sums); else the accumulation dtype, fp32 in IEEE mode (no TF32) or fp64.
-
-    Triton's CPU interpreter computes bf16 dots wrongly, so there bf16 runs as fp32: the same
-    numbers, since bf16 x bf16 products are exact in fp32.
-    """
-    dtypes = {t.dtype for t in tensors}
-    if acc == torch.float32 and len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
-        if not (dtypes == {torch.bfloat16} and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-            return _TL_DTYPE[dtypes.pop()]
-    return _TL_DTYPE[acc]
-
-
-def rank_block(r: int) -> int:
-    """tl.dot needs power-of-two tile sides of at least 16."""
-    return max(16, triton.next_power_of_2(r))
-
-
-def accumulate_token_scores(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
+def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: torch.Tensor) -> None:
     """out (N,) += per-token influence (see module docstring); inputs may be strided, any float dtype."""
     n, d_in = x.shape
     d_out, r = val_B.shape
     if n == 0:
         return
     dot = dot_dtype(x, grad_y, val_A, val_B, acc=out.dtype)
-    _token_influence_kernel[(triton.cdiv(n, BLOCK_N),)](
+    token_influence_kernel[(triton.cdiv(n, BLOCK_N),)](
         x, h, grad_y, grad_h, val_A, val_B, out,
         n, d_in, d_out, r,
         x.stride(0), x.stride(1), h.stride(0), h.stride(1), grad_y.stride(0), grad_y.stride(1),
         grad_h.stride(0), grad_h.stride(1),
         val_A.stride(0), val_A.stride(1), val_B.stride(0), val_B.stride(1),
         float(scaling),
-        DOT_DTYPE=dot, ACC_DTYPE=_TL_DTYPE[out.dtype],
+        DOT_DTYPE=dot, ACC_DTYPE=TL_DTYPE[out.dtype],
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, R_PAD=rank_block(r),
     )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ippo.kernels.projection import COL_MULT, FMIX_MULT1, FMIX_MULT2, ROW_MULT
-from ippo.kernels.triton_influence import _TL_DTYPE, dot_dtype
+from ippo.kernels.triton_utils import TL_DTYPE, dot_dtype
 
 BLOCK_N = 64
 BLOCK_K = 64
@@ -37,7 +37,7 @@ def _fmix32(h):
 
 
 @triton.jit(do_not_specialize=["salt"])  # a salt of 1 would otherwise become a constexpr without .to()
-def _project_rows_kernel(
+def project_rows_kernel(
     x_ptr, out_ptr, N, D, M, stride_xn, stride_xk, stride_on, stride_om, salt, inv_sqrt_m,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -68,8 +68,8 @@ def project_rows(x: torch.Tensor, salt: int, m: int, acc: torch.dtype) -> torch.
     if n == 0:
         return out
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M))
-    _project_rows_kernel[grid](
+    project_rows_kernel[grid](
         x, out, n, d, m, x.stride(0), x.stride(1), out.stride(0), out.stride(1), salt, 1.0 / math.sqrt(m),
-        DOT_DTYPE=dot_dtype(x, acc=acc), ACC_DTYPE=_TL_DTYPE[acc], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        DOT_DTYPE=dot_dtype(x, acc=acc), ACC_DTYPE=TL_DTYPE[acc], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )
     return out

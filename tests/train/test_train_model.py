@@ -1,4 +1,4 @@
-"""Model loading, LoRA, value head, and the tiny test model (the real 135M model only with IPPO_SLOW=1)."""
+"""Model loading, LoRA, value head, and ippo.testing's tiny model (the real 135M model only with IPPO_SLOW=1)."""
 
 import importlib.metadata
 import os
@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from ippo.testing import tiny_llama, tiny_tokenizer
 from ippo.train import model as m
 from ippo.train.ppo_math import policy_loss, token_logprobs
 from ippo.train.tasks import Arith
@@ -13,12 +14,12 @@ from ippo.train.tasks import Arith
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = m.tiny_tokenizer()
-    return m.tiny_llama(len(tokenizer)), tokenizer
+    tokenizer = tiny_tokenizer()
+    return tiny_llama(len(tokenizer)), tokenizer
 
 
 def test_tiny_tokenizer_round_trip():
-    tokenizer = m.tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     text = "12 + 7 = 19\n#### 19"
     ids = tokenizer(text).input_ids
     assert len(ids) == len(text) and tokenizer.decode(ids) == text
@@ -31,11 +32,11 @@ def test_tiny_tokenizer_round_trip():
 def test_tiny_llama_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a, b = m.tiny_llama(50, seed=1), m.tiny_llama(50, seed=1)
+    a, b = tiny_llama(50, seed=1), tiny_llama(50, seed=1)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="hidden_size"):
-        m.tiny_llama(50, hidden_size=30)
+        tiny_llama(50, hidden_size=30)
 
 
 def test_load_causal_lm_round_trip(tiny, tmp_path):
@@ -74,7 +75,7 @@ def test_default_model_dir_uses_cache_and_explains_missing_wheel(tmp_path, monke
 
 
 def test_lora_targets_all_projections(tiny):
-    lora = m.add_lora(m.tiny_llama(len(m.tiny_tokenizer())), r=4, alpha=8, dropout=0.05)
+    lora = m.add_lora(tiny_llama(len(tiny_tokenizer())), r=4, alpha=8, dropout=0.05)
     trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     layers = tiny[0].config.num_hidden_layers
@@ -88,7 +89,7 @@ def test_lora_targets_all_projections(tiny):
 def test_policy_with_value_end_to_end(tiny):
     """Prompt -> tokens -> logits/values -> PPO loss -> LoRA grads; the value loss reaches only the head."""
     _, tokenizer = tiny
-    policy = m.PolicyWithValue(m.add_lora(m.tiny_llama(len(tokenizer)), r=4, alpha=8))
+    policy = m.PolicyWithValue(m.add_lora(tiny_llama(len(tokenizer)), r=4, alpha=8))
     task = Arith(n_steps=2, digits=1, sizes=(2, 1, 1))
     texts = [task.prompt(e, tokenizer) + e.answer for e in task.split("train")]
     batch = tokenizer(texts, return_tensors="pt", padding=True)

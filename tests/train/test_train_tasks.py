@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
+from ippo.testing import tiny_tokenizer
 from ippo.train import tasks
-from ippo.train.model import tiny_tokenizer
 from ippo.train.tasks import GSM8K, Arith, Example, check_equations, extract_final_answer, make_task
 
 GOLD = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

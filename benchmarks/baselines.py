@@ -1,12 +1,12 @@
-"""The other ways to get per-episode gradient . validation-gradient scores, for benchmarks and comparison.
+"""The other ways to get per-episode gradient . validation-gradient scores, for the benchmarks and comparison.
 
-Each function scores the episodes of ``batch`` = (input_ids (E, T), advantages (E,)), one episode per
-row, with l_i = ``ippo.demo.episode_losses`` and ``val_grads`` from ``validation_gradients``; it
-returns (E,) float32 scores (float64 for a float64 model) and leaves the LoRA .grad values as the plain
-backward of sum_i l_i sets them (except ``per_episode_loop`` and ``vmap_per_sample``, which take no step).
+Each function scores the episodes of ``batch`` = (input_ids (E, T), advantages (E,)), one episode filling
+each row, with l_i = ``full_row_losses`` and ``val_grads`` from ``validation_gradients``; it returns (E,)
+float32 scores (float64 for a float64 model) and leaves the LoRA .grad values as the plain backward of
+sum_i l_i sets them (except ``per_episode_loop`` and ``vmap_per_sample``, which take no step).
 
 * ``influence_scorer``: ours, in the plain backward.
-* ``per_episode_loop``: the published prototype: a backward per episode, flattened gradients, a dot product.
+* ``per_episode_loop``: the published prototype: a backward per episode (``ippo.testing.per_episode_loop``).
 * ``vmap_per_sample``: torch.func per-sample gradients of the LoRA parameters, then dot products.
 * ``ghost_hooks``: eager hooks, "reduced ghost" inner products: per token (x V^T) . grad_out per Linear.
 * ``logra_hooks``: eager hooks, LoGra-style two-sided Gaussian projection (k x k per Linear), then dot
@@ -21,27 +21,20 @@ import warnings
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ippo.demo import episode_losses
+from ippo import testing
 from ippo.kernels import InfluenceScorer
-from ippo.kernels.scorer import active_adapter, lora_linear_layers
-
-
-def lora_pairs(model, val_grads) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
-    """[(lora_A or lora_B Linear, its validation gradient)] over every LoRA layer."""
-    pairs = []
-    for name, layer in lora_linear_layers(model).items():
-        adapter = active_adapter(name, layer)
-        pairs += [(layer.lora_A[adapter], val_grads[name].A), (layer.lora_B[adapter], val_grads[name].B)]
-    return pairs
+from ippo.kernels.ops import accumulation_dtype
+from ippo.testing import episode_losses, lora_pairs, next_token_targets
+from ippo.train.ppo_math import token_logprobs
 
 
 def full_row_losses(model, input_ids, advantages):
-    """(E,) l_i of ``ippo.demo.episode_losses`` for episodes that fill their rows (no padding)."""
-    return episode_losses(model, input_ids, torch.ones_like(input_ids), advantages)
+    """(E,) l_i = -A_i sum_t log p(token t+1 | tokens <= t) of episodes that fill their rows (no padding)."""
+    return episode_losses(model, input_ids, *next_token_targets(input_ids, advantages))
 
 
 def _acc(val_grads) -> torch.dtype:
-    return torch.float64 if next(iter(val_grads.values())).A.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(*(t for val in val_grads.values() for t in val))
 
 
 def influence_scorer(model, batch, val_grads):
@@ -54,14 +47,7 @@ def influence_scorer(model, batch, val_grads):
 
 def per_episode_loop(model, batch, val_grads):
     input_ids, advantages = batch
-    pairs = lora_pairs(model, val_grads)
-    params = [m.weight for m, _ in pairs]
-    flat_val = torch.cat([v.flatten() for _, v in pairs]).to(_acc(val_grads))
-    scores = []
-    for i in range(input_ids.shape[0]):
-        grads = torch.autograd.grad(full_row_losses(model, input_ids[i:i + 1], advantages[i:i + 1]).sum(), params)
-        scores.append(torch.cat([g.flatten() for g in grads]).to(flat_val.dtype) @ flat_val)
-    return torch.stack(scores)
+    return testing.per_episode_loop(model, val_grads, input_ids, *next_token_targets(input_ids, advantages))
 
 
 def vmap_per_sample(model, batch, val_grads):
@@ -71,9 +57,8 @@ def vmap_per_sample(model, batch, val_grads):
     params = {names[id(m.weight)]: m.weight.detach() for m, _ in pairs}
 
     def loss_one(p, ids, adv):
-        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None]}).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[None, 1:, None])[..., 0]
-        return -adv * logp.sum()
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None]}).logits
+        return -adv * token_logprobs(logits[:, :-1], ids[None, 1:]).sum()
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(params, input_ids, advantages)
     acc = _acc(val_grads)
@@ -85,11 +70,14 @@ class _Hooks:
 
     def __init__(self, pairs, on_input, on_grad):
         self.saved, self.handles = {}, []
+        def rows(t):
+            return t.reshape(-1, t.shape[-1])
+
         for module, val in pairs:
             self.handles.append(module.register_forward_hook(
-                lambda m, inp, out, val=val: self.saved.__setitem__(m, on_input(m, inp[0].reshape(-1, inp[0].shape[-1]), val))))
+                lambda m, inp, out, val=val: self.saved.__setitem__(m, on_input(m, rows(inp[0]), val))))
             self.handles.append(module.register_full_backward_hook(
-                lambda m, g_in, g_out, val=val: on_grad(m, self.saved.pop(m), g_out[0].reshape(-1, g_out[0].shape[-1]), val)))
+                lambda m, g_in, g_out, val=val: on_grad(m, self.saved.pop(m), rows(g_out[0]), val)))
 
     def __enter__(self):
         self._warnings = warnings.catch_warnings()
