@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ippo.train.model import tiny_tokenizer
-from ippo.train import trainer
+from ippo.testing import tiny_tokenizer
 from ippo.train.trainer import Config, resolve_device, train
 
 SHAPES = {"smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -47,9 +46,12 @@ def main(argv=None) -> None:
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096, bos_token_id=2,
                                              eos_token_id=3, pad_token_id=0))
     coin = random.Random(0)
-    trainer.safe_check = lambda task, completion, example, errors: coin.random() < 0.5
+
+    def coin_reward(completions, examples):  # a seeded coin flip per episode (see the docstring)
+        return [float(coin.random() < 0.5) for _ in completions]
+
     run_dir = args.out / "e2e-run"
-    train(cfg, run_dir, progress=False, model_and_tokenizer=(model, tokenizer))
+    train(cfg, run_dir, progress=False, model_and_tokenizer=(model, tokenizer), reward_fn=coin_reward)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary = {"device": device_name, "torch": torch.__version__, "shape": args.shape,

