@@ -87,6 +87,8 @@ class Config:
     # I-PPO
     val_size: int = opt(16, "ippo: (question, gold solution) validation pairs drawn per iteration for the "
                         "validation gradient (the paper: ~100)")
+    val_batch: int = opt(8, "ippo: validation pairs per forward+backward of the validation gradient (micro-batches "
+                         "summed: the same gradient, the memory of this many pairs)")
     tol: float = opt(0.0, "ippo: drop episodes with score <= tol (a band above 0; 0 = the paper's rule)")
     # evaluation
     eval_size: int = opt(32, "eval problems (held-out eval split)")
@@ -109,8 +111,8 @@ class Config:
             if f.type == "float" and not math.isfinite(getattr(self, f.name)):
                 raise ValueError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["lora_r", "sft_batch", "prompts_per_iter", "samples_per_prompt", "max_new_tokens", "epochs",
-                    "minibatch", "val_size", "eval_size", "eval_k", "eval_every", "gen_batch", "arith_steps",
-                    "arith_digits"]
+                    "minibatch", "val_size", "val_batch", "eval_size", "eval_k", "eval_every", "gen_batch",
+                    "arith_steps", "arith_digits"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")

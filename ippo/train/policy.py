@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ippo.kernels.scorer import LoRAGrad
 from ippo.train import ppo_math as pm
 from ippo.train.tasks import Example, Task
 
@@ -22,38 +23,6 @@ def lm_forward(lm: nn.Module, ids: Tensor, attn: Tensor, **kwargs):
     return lm(input_ids=ids, attention_mask=attn, position_ids=positions, **kwargs)
 
 
-def pack_answers(tokenizer, task: Task, examples: list[Example]) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``prompt + gold answer + eos``: ids (B, T), attention (B, T), answer mask (B, T-1).
-
-    ``answer_mask[b, t]`` is 1 where logits position t predicts an answer (or eos) token.
-    """
-    rows = []
-    for ex in examples:
-        prompt = tokenizer(task.prompt(ex, tokenizer), add_special_tokens=False).input_ids
-        answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append((prompt, answer))
-    width = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    answer_mask = torch.zeros(len(rows), width - 1)
-    for b, (prompt, answer) in enumerate(rows):
-        n = len(prompt) + len(answer)
-        ids[b, :n] = torch.tensor(prompt + answer)
-        attn[b, :n] = 1
-        answer_mask[b, len(prompt) - 1:n - 1] = 1
-    return ids, attn, answer_mask
-
-
-def sft_loss(lm: nn.Module, tokenizer, task: Task, examples: list[Example]) -> Tensor:
-    """Mean token cross-entropy of the gold solutions (all answer tokens pooled): the SFT and validation loss."""
-    device = next(lm.parameters()).device
-    ids, attn, answer_mask = (t.to(device) for t in pack_answers(tokenizer, task, examples))
-    first = int(answer_mask.argmax(1).min())  # logits only from the first answer position on (saves lm_head work)
-    logits = lm_forward(lm, ids, attn, logits_to_keep=ids.shape[1] - first).logits[:, :-1]
-    logp = pm.token_logprobs(logits, ids[:, first + 1:])
-    return -pm.masked_mean(logp, answer_mask[:, first:])
-
-
 @dataclass
 class Rollout:
     """A batch of sampled episodes, prompts left-padded to ``prompt_len`` so responses start at one column."""
@@ -65,6 +34,107 @@ class Rollout:
     texts: list[str]       # decoded responses
     examples: list[Example]
     group: Tensor          # (B,) prompt index of each episode
+
+    def to(self, device) -> Rollout:
+        return Rollout(self.ids.to(device), self.attn.to(device), self.mask.to(device), self.prompt_len, self.texts,
+                       self.examples, self.group.to(device))
+
+
+def pack_answers(tokenizer, task: Task, examples: list[Example]) -> Rollout:
+    """``prompt + gold answer + eos`` of each example as a :class:`Rollout` whose responses are the gold answers:
+    prompts left-padded to one column, answers right-padded, so ``response_logprobs`` reads their log-probs with
+    logits for the answer positions only. Tokenized once: micro-batches are row subsets (``trim_rows``)."""
+    prompts = [tokenizer(task.prompt(ex, tokenizer), add_special_tokens=False).input_ids for ex in examples]
+    answers = [tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for ex in examples]
+    prompt_len, width = max(map(len, prompts)), max(map(len, answers))
+    ids = torch.full((len(examples), prompt_len + width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+        ids[b, prompt_len - len(prompt):prompt_len + len(answer)] = torch.tensor(prompt + answer)
+        attn[b, prompt_len - len(prompt):prompt_len + len(answer)] = 1
+    mask = attn[:, prompt_len:].float()
+    return Rollout(ids, attn, mask, prompt_len, [ex.answer for ex in examples], list(examples),
+                   torch.arange(len(examples)))
+
+
+def trim_rows(ro: Rollout, rows: Tensor) -> Rollout:
+    """The episodes ``rows`` of ``ro`` without the columns that are padding in all of them (narrower forwards)."""
+    ids, attn, mask = ro.ids[rows], ro.attn[rows], ro.mask[rows]
+    first = int(attn[:, :ro.prompt_len].sum(1).max())  # the longest prompt of these rows
+    width = max(int(mask.sum(1).max()), 1)
+    cols = slice(ro.prompt_len - first, ro.prompt_len + width)
+    return Rollout(ids[:, cols], attn[:, cols], mask[:, :width], first, [ro.texts[i] for i in rows.tolist()],
+                   [ro.examples[i] for i in rows.tolist()], ro.group[rows])
+
+
+def length_batches(ro: Rollout, batch: int) -> list[Tensor]:
+    """Row indices of ``ro`` in micro-batches of ``batch`` episodes of similar length (less padding per batch)."""
+    return list(torch.argsort(ro.attn.sum(1), stable=True).split(batch))
+
+
+def buffer_logprobs(lm: nn.Module, ro: Rollout, batch: int, value_head: nn.Module | None = None,
+                    temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """``response_logprobs`` of every episode of ``ro``, (B, R) with 0 on padding, computed ``batch`` episodes of
+    similar length at a time, each micro-batch without its all-padding columns (memory of ``batch`` episodes)."""
+    logp = values = None
+    for rows in length_batches(ro, batch):
+        sub = trim_rows(ro, rows)
+        lp, v = response_logprobs(lm, sub, value_head=value_head, temperature=temperature)
+        logp = put_rows(logp, rows, lp * sub.mask, ro.mask.shape)
+        if value_head is not None:
+            values = put_rows(values, rows, v * sub.mask, ro.mask.shape)
+    return logp, values
+
+
+def put_rows(out: Tensor | None, rows: Tensor, part: Tensor, shape) -> Tensor:
+    """``out[rows, :width] = part`` (width = part's), ``out`` made as zeros of ``shape`` and part's dtype if None."""
+    out = part.new_zeros(shape) if out is None else out
+    out[rows, :part.shape[1]] = part
+    return out
+
+
+def answer_nll(lm: nn.Module, gold: Rollout) -> tuple[Tensor, Tensor]:
+    """Sum of the token cross-entropies of ``gold``'s answers (a graph to the LoRA weights) and their count."""
+    logp, _ = response_logprobs(lm, gold)
+    return -(logp * gold.mask).sum(), gold.mask.sum()
+
+
+def sft_loss(lm: nn.Module, tokenizer, task: Task, examples: list[Example]) -> Tensor:
+    """Mean token cross-entropy of the gold solutions (all answer tokens pooled): the SFT and validation loss."""
+    device = next(lm.parameters()).device
+    nll, count = answer_nll(lm, pack_answers(tokenizer, task, examples).to(device))
+    return nll / count
+
+
+def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Example],
+                        batch: int) -> dict[str, LoRAGrad]:
+    """d sft_loss(examples) / d (LoRA A, B) of every LoRA layer, accumulated over micro-batches of ``batch`` pairs.
+
+    Each micro-batch adds the gradient of its summed token losses divided by the answer-token count of all
+    ``examples``, so the result is the one-batch gradient up to rounding while the memory is that of ``batch``
+    pairs. Pairs are grouped by length (less padding). The parameters' ``.grad`` are left alone.
+    """
+    from ippo.kernels.scorer import active_adapter, lora_linear_layers
+
+    layers = lora_linear_layers(lm)
+    params = []
+    for name, layer in layers.items():
+        adapter = active_adapter(name, layer)
+        params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    device = params[0].device
+    gold = pack_answers(tokenizer, task, examples).to(device)
+    total = gold.mask.sum()
+    order = torch.argsort(gold.mask.sum(1) + gold.attn[:, :gold.prompt_len].sum(1), stable=True).to(device)
+    grads = [torch.zeros_like(p) for p in params]
+    for rows in order.split(batch):
+        nll, _ = answer_nll(lm, trim_rows(gold, rows))
+        for acc, g in zip(grads, torch.autograd.grad(nll / total, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g)
+    if not bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+        raise ValueError("validation_gradient: the validation loss has zero gradient w.r.t. every LoRA parameter, so "
+                         "every influence score would be 0")
+    return {name: LoRAGrad(grads[2 * i], grads[2 * i + 1]) for i, name in enumerate(layers)}
 
 
 @torch.no_grad()

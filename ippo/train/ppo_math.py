@@ -61,11 +61,12 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log p(tokens[b, t] | logits[b, t])``: (B, T, V) logits and (B, T) ids -> (B, T) float32.
+    """``log p(tokens[b, t] | logits[b, t])``: (B, T, V) logits and (B, T) ids -> (B, T) float32 (float64 for
+    float64 logits: the trainer's float64 tests hold to float64 rounding).
 
     Align before calling: for a causal LM, logits[:, :-1] predict tokens[:, 1:].
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -5,9 +5,11 @@
                correctness; per-token log-probs of the policy, of the reference (adapter disabled) and, for
                ppo/ippo, values (head on detached hidden states)
   advantages   ppo/ippo: reward - kl_coef * KL(policy||ref) per token, GAE, whitening;  grpo: group-normalized
-  scoring      [ippo] validation gradient = grad of the SFT loss of val_size (question, gold solution) pairs;
-               one backward of sum_i actor_loss_i inside InfluenceScorer gives every score s_i;
-               keep s_i > tol, weight survivors by s_i / mean(kept s); none kept -> stop training
+  scoring      [ippo] validation gradient = grad of the SFT loss of val_size (question, gold solution) pairs, summed
+               over micro-batches of val_batch; per micro-batch of minibatch episodes, one backward of
+               sum_i actor_loss_i inside InfluenceScorer gives every score s_i, in a pass of its own
+               (score_episodes) or, without whitening, inside the rollout's old-log-prob forward
+               (score_in_rollout); keep s_i > tol, weight survivors by s_i / mean(kept s); none kept -> stop
   update       epochs x minibatches: clipped surrogate (weighted per episode) + clipped value loss (grpo: k3 KL
                to the reference, no critic), grad-norm clipping; approx-KL and clip fraction logged
   train()      setup (task, model, SFT warm start), then per iteration: rl_iteration or sft_iteration, eval,
@@ -48,14 +50,24 @@ from ippo.train.checkpoint import (
 from ippo.train.config import ALGOS, Config, build_task, resolve_device, resolve_model_dir
 from ippo.train.evaluation import evaluate, evaluate_run
 from ippo.train.model import add_lora, load_causal_lm
-from ippo.train.policy import Rollout, response_logprobs, sample, sft_loss
+from ippo.train.policy import (
+    Rollout,
+    buffer_logprobs,
+    length_batches,
+    put_rows,
+    response_logprobs,
+    sample,
+    sft_loss,
+    trim_rows,
+    validation_gradient,
+)
 from ippo.train.sft import sft_warm_start
 from ippo.train.tasks import Example, Task
 
 __all__ = ["ALGOS", "Config", "Learner", "Buffer", "RewardFn", "Rollout", "build_task", "compute_advantages",
            "compute_rewards", "correctness_reward", "evaluate", "evaluate_run", "load_trainable_state", "ppo_update",
            "resolve_device", "response_logprobs", "rl_iteration", "rollout", "sample", "score_episodes",
-           "sft_iteration", "sft_loss", "train", "trainable_state"]
+           "score_in_rollout", "sft_iteration", "sft_loss", "train", "trainable_state", "validation_gradient"]
 
 RewardFn = Callable[[list[str], list[Example]], Sequence[float]]
 
@@ -162,7 +174,7 @@ class Buffer:
     ro: Rollout
     rewards: Tensor                   # (E,) reward_fn's reward of each episode
     reward_errors: int                # episodes whose reward raised (given reward 0)
-    old_logp: Tensor                  # log-probs of the sampling policy
+    old_logp: Tensor | None           # log-probs of the sampling policy
     ref_logp: Tensor                  # log-probs of the reference policy (adapter disabled)
     old_values: Tensor | None         # values (None for grpo)
     kl: Tensor | None = None          # k1 estimate of KL(policy || reference) per token
@@ -177,9 +189,13 @@ class Buffer:
 # =========================================================================== rollout
 
 
-def rollout(L: Learner, it: int) -> Buffer:
+def rollout(L: Learner, it: int, timing: Counter | None = None, old_logprobs: bool = True) -> Buffer:
     """``prompts_per_iter`` training prompts x ``samples_per_prompt`` samples, their rewards, and the per-token
-    log-probs of the sampling and the reference policy, and the values (ppo, ippo)."""
+    log-probs of the sampling and the reference policy, and the values (ppo, ippo). ``timing`` gets the seconds
+    of sampling and rewards (``rollout``) and of the log-prob forwards (``logprobs``). ``old_logprobs=False``
+    leaves the sampling policy's log-probs and values to :func:`score_in_rollout` (None until then)."""
+    timing = Counter() if timing is None else timing
+    t0 = time.perf_counter()
     cfg = L.cfg
     train_split = L.task.split("train")
     prompts = L.rng.sample(train_split, min(cfg.prompts_per_iter, len(train_split)))
@@ -190,10 +206,15 @@ def rollout(L: Learner, it: int) -> Buffer:
     if raised:
         L.log(f"iteration {it}: the reward of {raised} of {len(rewards)} episodes raised (first: {first!r}); "
               f"counted as reward 0")
+    t1 = time.perf_counter()
+    timing["rollout"] += t1 - t0
+    old_logp = old_values = None
     with torch.no_grad():
-        old_logp, old_values = response_logprobs(L.lm, ro, value_head=L.critic, temperature=cfg.temperature)
+        if old_logprobs:
+            old_logp, old_values = buffer_logprobs(L.lm, ro, cfg.minibatch, L.critic, cfg.temperature)
         with L.lm.disable_adapter():  # the reference policy is the model without the adapter
-            ref_logp, _ = response_logprobs(L.lm, ro, temperature=cfg.temperature)
+            ref_logp, _ = buffer_logprobs(L.lm, ro, cfg.minibatch, temperature=cfg.temperature)
+    timing["logprobs"] += time.perf_counter() - t1
     return Buffer(ro, torch.tensor(rewards, device=ro.ids.device), raised, old_logp, ref_logp, old_values)
 
 
@@ -218,26 +239,88 @@ def compute_advantages(cfg: Config, buf: Buffer) -> None:
 
 def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollout, old_logp: Tensor,
                    advantages: Tensor, val_examples: list[Example], timing: dict) -> Tensor:
-    """I-PPO influence scores (E,): <d actor_loss_i / d theta, d L_val / d theta> for every episode at once.
+    """I-PPO influence scores (E,): <d actor_loss_i / d theta, d L_val / d theta> for every episode.
 
-    A pass of its own at the sampling policy; the gradients it leaves are zeroed (the update runs its own
-    backward passes). ``ro.mask`` must be a valid mask (``sample`` makes one; ``rollout`` checks it).
+    The validation gradient is accumulated over micro-batches of ``val_batch`` pairs; then one backward of
+    sum_i actor_loss_i inside an InfluenceScorer per micro-batch of ``minibatch`` episodes (the micro-batches of
+    ``buffer_logprobs``, so the log-probs equal ``old_logp`` and the ratio is 1: the sampling policy), so the
+    memory is that of one PPO minibatch. The gradients it leaves are zeroed (the update runs its own backward
+    passes). ``ro.mask`` must be a valid mask (``sample`` makes one; ``rollout`` checks it).
+
+    A pass of its own, after the rollout's no-grad forward, because whitened advantages need the whole buffer's
+    values first; without whitening the trainer scores inside that forward instead (:func:`score_in_rollout`,
+    which says why whitening rules it out).
     """
-    from ippo.kernels import InfluenceScorer, validation_gradients
+    from ippo.kernels import InfluenceScorer
 
     t0 = time.perf_counter()
-    val = validation_gradients(lm, sft_loss(lm, tokenizer, task, val_examples))
+    val = validation_gradient(lm, tokenizer, task, val_examples, cfg.val_batch)
     t1 = time.perf_counter()
-    episode = torch.arange(len(ro.texts), device=ro.ids.device)[:, None]
-    segments = episode.expand_as(ro.ids).masked_fill(ro.attn == 0, -1)
-    with InfluenceScorer(lm, val, segments.contiguous(), len(ro.texts)) as scorer:
-        logp, _ = response_logprobs(lm, ro, temperature=cfg.temperature)
-        per_episode, _ = pm.policy_loss(logp, old_logp, advantages, ro.mask, cfg.clip, mask_checked=True)
-        per_episode.sum().backward()  # the sum of per-episode actor losses: one backward scores them all
+    scores = None
+    for rows in length_batches(ro, cfg.minibatch):
+        sub = trim_rows(ro, rows)
+        width = sub.mask.shape[1]
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows)) as scorer:
+            logp, _ = response_logprobs(lm, sub, temperature=cfg.temperature)
+            per_episode, _ = pm.policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], sub.mask,
+                                            cfg.clip, mask_checked=True)
+            per_episode.sum().backward()  # the sum of per-episode actor losses: one backward scores them all
+        scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (len(ro.texts), 1))
     lm.zero_grad(set_to_none=True)
     timing["val_grad"] += t1 - t0
     timing["scoring"] += time.perf_counter() - t1
-    return scorer.scores.detach().float()
+    return scores[:, 0]
+
+
+def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timing: dict) -> Tensor:
+    """I-PPO scores taken inside the forward that gives the sampling policy's log-probs and values, which it
+    fills into ``buf`` (``rollout(old_logprobs=False)``): no forward of its own, unlike :func:`score_episodes`.
+
+    Per micro-batch (``buffer_logprobs``'s, so ``buf`` gets the same numbers as there): the forward runs with
+    grad inside an InfluenceScorer, the log-probs are detached as ``old_logp`` (the ratio is exactly 1, so the
+    clipped loss has the plain policy-gradient gradient), the micro-batch's advantages are computed from them, and
+    one backward of sum_i actor_loss_i scores its episodes. The advantages must then be known per episode: that
+    holds without whitening (GAE is per episode). Whitening uses the mean and spread of the whole buffer, known
+    only after every micro-batch's forward; being affine it would need a second score per episode (s_i with weight
+    1 per token), i.e. a second backward, which costs more than the forward it saves (a scoring backward is
+    1.6-2.3x a forward on CPU, benchmarks/RESULTS.md), and holding every micro-batch's graph instead would cost
+    the whole buffer's activations. So the trainer uses this path only with ``--no-whiten``, and
+    :func:`score_episodes` otherwise.
+    """
+    from ippo.kernels import InfluenceScorer
+
+    cfg, ro, lm = L.cfg, buf.ro, L.lm
+    if cfg.whiten:
+        raise ValueError("score_in_rollout needs per-episode advantages (whiten=False); see its docstring")
+    t0 = time.perf_counter()
+    val = validation_gradient(lm, L.tokenizer, L.task, val_examples, cfg.val_batch)
+    t1 = time.perf_counter()
+    scores = old_logp = old_values = None
+    for rows in length_batches(ro, cfg.minibatch):
+        sub = trim_rows(ro, rows)
+        width = sub.mask.shape[1]
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows)) as scorer:
+            logp, values = response_logprobs(lm, sub, value_head=L.critic, temperature=cfg.temperature)
+            part = Buffer(sub, buf.rewards[rows], 0, logp.detach() * sub.mask, buf.ref_logp[rows, :width],
+                          values.detach() * sub.mask)
+            compute_advantages(cfg, part)
+            per_episode, _ = pm.policy_loss(logp, logp.detach(), part.advantages, sub.mask, cfg.clip,
+                                            mask_checked=True)
+            per_episode.sum().backward()
+        scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (len(ro.texts), 1))
+        old_logp = put_rows(old_logp, rows, part.old_logp, ro.mask.shape)
+        old_values = put_rows(old_values, rows, part.old_values, ro.mask.shape)
+    lm.zero_grad(set_to_none=True)
+    buf.old_logp, buf.old_values = old_logp, old_values
+    timing["val_grad"] += t1 - t0
+    timing["scoring"] += time.perf_counter() - t1
+    return scores[:, 0]
+
+
+def episode_segments(ro: Rollout) -> Tensor:
+    """InfluenceScorer's segment ids of a batch: the row's episode index on its tokens, -1 on padding."""
+    episode = torch.arange(len(ro.texts), device=ro.ids.device)[:, None]
+    return episode.expand_as(ro.ids).masked_fill(ro.attn == 0, -1).contiguous()
 
 
 # =========================================================================== update
@@ -282,10 +365,16 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
     Returns the iteration's metrics record and whether I-PPO stopped (no episode kept, no update).
     """
     cfg = L.cfg
+    in_rollout = cfg.algo == "ippo" and not cfg.whiten  # scores from the old-log-prob forward (score_in_rollout)
+    buf = rollout(L, it, timing, old_logprobs=not in_rollout)
+    if cfg.algo == "ippo":
+        val_split = L.task.split("validation")
+        val_examples = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
+        if in_rollout:
+            scores = score_in_rollout(L, buf, val_examples, timing)
     t0 = time.perf_counter()
-    buf = rollout(L, it)
     compute_advantages(cfg, buf)
-    timing["rollout"] += time.perf_counter() - t0
+    timing["logprobs"] += time.perf_counter() - t0
     record: dict = {"iteration": it, "algo": cfg.algo}
     n, device = len(buf.ro.texts), buf.rewards.device
     weights = torch.ones(n, device=device)
@@ -293,10 +382,9 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
     stop = False
 
     if cfg.algo == "ippo":  # ---------------------------------------- ippo: influence filter and reweighting
-        val_split = L.task.split("validation")
-        val_examples = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
-        scores = score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages, val_examples,
-                                timing)
+        if not in_rollout:
+            scores = score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
+                                    val_examples, timing)
         keep, weights, stop = pm.ippo_filter(scores, cfg.tol)
         record.update(score_hist=_histogram(scores), score_mean=float(scores.mean()),
                       score_pos_frac=float((scores > 0).float().mean()), early_stop=stop)
@@ -401,7 +489,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     todo = range(start_iter + 1, cfg.iterations + 1) if not stopped else range(0)
     bar = tqdm(todo, desc=f"{cfg.algo}", disable=not progress, initial=start_iter, total=cfg.iterations)
     for it in bar:
-        timing = Counter({"rollout": 0.0, "val_grad": 0.0, "scoring": 0.0, "update": 0.0, "eval": 0.0})
+        timing = Counter({"rollout": 0.0, "logprobs": 0.0, "val_grad": 0.0, "scoring": 0.0, "update": 0.0,
+                          "eval": 0.0})
         learner.lm.train()
         if cfg.algo == "sft":
             record = sft_iteration(learner, it, timing)

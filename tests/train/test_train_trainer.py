@@ -61,7 +61,8 @@ def test_one_iteration_of_each_algorithm(tmp_path, algo, monkeypatch):
     assert [r["iteration"] for r in recs] == [0, 1]
     assert set(ev) >= {"accuracy", "majority", "pass_at_k", "unfaithful", "faithful_accuracy"}
     last = recs[-1]
-    assert "eval" in last and set(last["time"]) == {"rollout", "val_grad", "scoring", "update", "eval"}
+    assert "eval" in last and set(last["time"]) == {"rollout", "logprobs", "val_grad", "scoring", "update",
+                                                      "eval"}
     if algo == "sft":
         assert last["sft_loss"] > 0
     else:
@@ -420,3 +421,22 @@ def test_cli_compare_eval_and_report(tmp_path, capsys):
     for flag, value in [("--eval-k", "0"), ("--eval-size", "-1")]:  # not "the run's value" in disguise
         assert cli.main(["eval", str(tmp_path / "cmp" / "ppo"), flag, value]) == 2
         assert f"ippo eval: error: {flag} must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("whiten", [True, False])  # scored in a pass of its own / in the rollout's forward
+def test_ippo_keeping_everything_with_weight_1_is_ppo_bit_for_bit(tmp_path, monkeypatch, whiten):
+    """The scoring pass changes nothing the update sees: with a filter that keeps every episode with weight 1,
+    an I-PPO iteration ends with exactly PPO's LoRA weights, value head and update statistics."""
+    def keep_all(scores, tol):
+        return T.pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
+
+    monkeypatch.setattr(T.pm, "ippo_filter", keep_all)
+    kw = dict(iterations=1, eval_every=10, eval_size=1, eval_k=1, samples_per_prompt=4, minibatch=3, whiten=whiten)
+    run(cfg_for(tmp_path, algo="ppo", **kw), tmp_path / "ppo")
+    run(cfg_for(tmp_path, algo="ippo", **kw), tmp_path / "ippo")
+    a, b = lora_state(tmp_path / "ppo"), lora_state(tmp_path / "ippo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ppo, ippo = records(tmp_path / "ppo")[-1], records(tmp_path / "ippo")[-1]
+    for key in ("pg_loss", "vf_loss", "grad_norm", "approx_kl", "clip_frac", "reward", "kl_ref"):
+        assert ppo[key] == ippo[key], key
+    assert ippo["kept_fraction"] == 1 and ippo["time"]["scoring"] > 0
