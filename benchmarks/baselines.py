@@ -6,11 +6,16 @@ float32 scores (float64 for a float64 model) and leaves the LoRA .grad values as
 sum_i l_i sets them (except ``per_episode_loop`` and ``vmap_per_sample``, which take no step).
 
 * ``influence_scorer``: ours, in the plain backward.
+* ``influence_scorer_sketched``: ours with ``sketch_dim=SKETCH_K``: the exact scores *and* every episode's
+  whole-model sketch from the same backward; returns the sketched estimate ``sketches @ sketch_gradients(V)``.
+* ``sketches_only``: ``InfluenceScorer(model, None, ..., sketch_dim=SKETCH_K)``: sketches, no scores.
+* ``scoring_only``: ours with ``lora_grads=False`` (the LoRA weight-gradient GEMMs skipped, .grad untouched).
 * ``per_episode_loop``: the published prototype: a backward per episode (``ippo.testing.per_episode_loop``).
 * ``vmap_per_sample``: torch.func per-sample gradients of the LoRA parameters, then dot products.
 * ``ghost_hooks``: eager hooks, "reduced ghost" inner products: per token (x V^T) . grad_out per Linear.
 * ``logra_hooks``: eager hooks, LoGra-style two-sided Gaussian projection (k x k per Linear), then dot
-  products of the sketches (an estimate, not exact).
+  products of the sketches (an estimate, not exact). At its default k = 16 per side a LoRA layer (two
+  Linears) gets 2 x 16 x 16 = 512 numbers per episode: the width ``SKETCH_K`` of ours.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ippo import testing
-from ippo.kernels import InfluenceScorer
+from ippo.kernels import InfluenceScorer, sketch_gradients
 from ippo.kernels.ops import accumulation_dtype
 from ippo.testing import episode_losses, lora_pairs, next_token_targets
 from ippo.train.ppo_math import token_logprobs
@@ -41,6 +46,34 @@ def influence_scorer(model, batch, val_grads):
     input_ids, advantages = batch
     segment_ids = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
     with InfluenceScorer(model, val_grads, segment_ids) as scorer:
+        full_row_losses(model, input_ids, advantages).sum().backward()
+    return scorer.scores
+
+
+SKETCH_K = 512  # per episode, whole model; the LoGra hooks' default k = 16 per side gives 512 per LoRA layer
+
+
+def _segments(input_ids):
+    return torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+
+
+def influence_scorer_sketched(model, batch, val_grads, k: int = SKETCH_K, seed: int = 0):
+    input_ids, advantages = batch
+    with InfluenceScorer(model, val_grads, _segments(input_ids), sketch_dim=k, sketch_seed=seed) as scorer:
+        full_row_losses(model, input_ids, advantages).sum().backward()
+    return scorer.sketches @ sketch_gradients(val_grads, k, seed, model=model)
+
+
+def sketches_only(model, batch, val_grads, k: int = SKETCH_K, seed: int = 0):
+    input_ids, advantages = batch
+    with InfluenceScorer(model, None, _segments(input_ids), sketch_dim=k, sketch_seed=seed) as scorer:
+        full_row_losses(model, input_ids, advantages).sum().backward()
+    return scorer.sketches @ sketch_gradients(val_grads, k, seed, model=model)
+
+
+def scoring_only(model, batch, val_grads):
+    input_ids, advantages = batch
+    with InfluenceScorer(model, val_grads, _segments(input_ids), lora_grads=False) as scorer:
         full_row_losses(model, input_ids, advantages).sum().backward()
     return scorer.scores
 
@@ -138,4 +171,5 @@ def logra_hooks(model, batch, val_grads, k: int = 16, seed: int = 0):
 
 
 METHODS = {"scorer": influence_scorer, "per-episode loop": per_episode_loop, "vmap per-sample": vmap_per_sample,
-           "ghost hooks": ghost_hooks, "logra hooks": logra_hooks}
+           "ghost hooks": ghost_hooks, "logra hooks": logra_hooks, "scorer+sketch": influence_scorer_sketched,
+           "sketches only": sketches_only, "scorer, no LoRA grads": scoring_only}

@@ -2,7 +2,9 @@
 
 Methods (``baselines.py``): plain forward+backward (the baseline), InfluenceScorer per backend, the
 per-episode backward loop (published method), torch.func vmap per-sample gradients, eager "reduced ghost"
-hooks, eager LoGra-style projection hooks. Run: ``pytest benchmarks/ --benchmark-only``.
+hooks, eager LoGra-style projection hooks; and the scorer's variants: with whole-model sketches
+(k = ``SKETCH_K`` = 512, the width of the LoGra hooks' k = 16 per side per LoRA layer), sketches only, and
+scoring only (no LoRA weight gradients). Run: ``pytest benchmarks/ --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def config(request):
     return request.param
 
 
-@pytest.mark.parametrize("method", ["plain", *SCORERS, "per-episode loop", "vmap per-sample", "ghost hooks",
-                                    "logra hooks"])
+@pytest.mark.parametrize("method", ["plain", *SCORERS, "scorer+sketch", "sketches only", "scorer, no LoRA grads",
+                                    "per-episode loop", "vmap per-sample", "ghost hooks", "logra hooks"])
 def test_time_and_memory(benchmark, config, method, monkeypatch):
     fn = method_fn(method, monkeypatch)
     model, batch, val_grads = setup(config)

@@ -4,6 +4,10 @@
 * ``lora_llama``: ``tiny_llama`` with peft LoRA on every projection and random lora_B (``init_lora_B``).
 * ``episode_losses`` (with ``next_token_targets`` for REINFORCE-style rows): per-episode losses l_i.
 * ``per_episode_loop`` (with ``lora_pairs``, ``loss_influence``): the reference scores, one backward per episode.
+* ``per_episode_gradients``: each episode's dense LoRA gradient, one backward per episode (the sketches'
+  reference).
+* ``peak_memory``: the peak of the bytes allocated by torch while a function runs (CPU: the profiler's
+  allocation events; CUDA: the allocator's peak statistic).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def episode_losses(model: nn.Module, input_ids: Tensor, targets: Tensor, weights
         l_i = -sum_t weights[i, t] * log p(targets[i, t] | input_ids[i, :t + 1])
 
     input_ids, targets: (B, T) ids; weights: (B, T), 0 on padding and on tokens without a target. Log-probs
-    are ``ippo.train.ppo_math.token_logprobs`` (float32), as in the trainer.
+    are ``ippo.train.ppo_math.token_logprobs`` (float32, float64 for float64 logits), as in the trainer.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return -(weights * token_logprobs(logits, targets)).sum(1)
@@ -146,3 +150,57 @@ def per_episode_loop(model: nn.Module, val_grads: dict[str, LoRAGrad], input_ids
             loss = episode_losses(model, input_ids[i, cols][None], targets[i, cols][None], weights[i, cols][None])
             scores[i] = loss_influence(loss.sum(), pairs)
     return scores
+
+
+def per_episode_gradients(model: nn.Module, input_ids: Tensor, targets: Tensor, weights: Tensor,
+                          attention_mask: Tensor | None = None) -> list[dict[str, LoRAGrad]]:
+    """[{layer: LoRAGrad(dl_i/dA, dl_i/dB)}] per row, in the model's layer order, as ``per_episode_loop`` takes them
+    (row i alone, its attention_mask tokens); an empty row gets zeros. Inputs as in ``episode_losses``."""
+    layers = lora_linear_layers(model)
+    params = []
+    for name, layer in layers.items():
+        adapter = active_adapter(name, layer)
+        params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    out = []
+    for i in range(input_ids.shape[0]):
+        cols = torch.ones_like(input_ids[i], dtype=torch.bool) if attention_mask is None else attention_mask[i].bool()
+        if cols.any():
+            loss = episode_losses(model, input_ids[i, cols][None], targets[i, cols][None], weights[i, cols][None])
+            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True, materialize_grads=True)
+        else:
+            grads = [torch.zeros_like(p) for p in params]
+        out.append({name: LoRAGrad(grads[2 * j], grads[2 * j + 1]) for j, name in enumerate(layers)})
+    return out
+
+
+def peak_memory(fn, device: torch.device | str = "cpu"):
+    """(fn(), peak bytes allocated by torch above what was allocated when fn started).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: every allocation and free that torch's profiler records
+    (``profile_memory=True``; read from its event tree, a private but long-stable API), summed in time order;
+    memory allocated outside torch's allocator (e.g. by numpy in Triton's interpreter) is not seen."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    allocations = []
+
+    def walk(node):
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    current = peak = 0
+    for _, size in sorted(allocations, key=lambda a: a[0]):
+        current += size
+        peak = max(peak, current)
+    return out, peak

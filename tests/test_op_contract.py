@@ -202,3 +202,19 @@ def test_sketch_layer_out_of_range():
     sketch_args = {k: args[k] for k in ("x", "h", "grad_y", "grad_h")}
     with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\*\*29\); got 536870912"):
         gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=12, layer=2**29)
+
+
+@pytest.mark.parametrize("layout", ["unsorted", "empty episodes and padding", "no tokens"])
+def test_opcheck_gradient_sketches_layouts(backend, layout):
+    """The fused sketch op under opcheck (schema, fake impl, autograd registration) on the segment layouts the
+    kernels treat differently; and traced whole by torch.compile."""
+    args, segment_ids, episodes = op_inputs(torch.float64, n=0 if layout == "no tokens" else 33)
+    if layout == "empty episodes and padding":
+        segment_ids = torch.where(segment_ids % 2 == 1, -1, segment_ids)
+    sketch_args = [args[k] for k in ("x", "h", "grad_y", "grad_h")]
+    torch.library.opcheck(torch.ops.ippo.gradient_sketches.default,
+                          (*sketch_args, segment_ids, episodes, 36, 3, 1, 0.5))
+    compiled = torch.compile(gradient_sketches, backend="aot_eager", fullgraph=True)
+    expected = gradient_sketches(*sketch_args, segment_ids, episodes, k=36, seed=3, layer=1, scaling=0.5)
+    torch.testing.assert_close(compiled(*sketch_args, segment_ids, episodes, k=36, seed=3, layer=1, scaling=0.5),
+                               expected)

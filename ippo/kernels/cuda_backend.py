@@ -1,8 +1,9 @@
 """The cuda backend: CUDA C++ kernels from csrc/, compiled into ``ippo._C`` where nvcc exists.
 
-Same two primitives as ``torch_backend`` (same math as the Triton kernels). Tensors cross into the
-extension as raw device pointers + dtype codes + strides, with the current torch CUDA stream as an
-integer handle, so ``ippo._C`` does not link libtorch (see csrc/README.md).
+Same primitives as ``torch_backend`` (same math as the Triton kernels); ``segment_sketch`` is not fused here
+yet: it is the torch reduction over this backend's ``project_rows`` (O(tokens x m) transient memory).
+Tensors cross into the extension as raw device pointers + dtype codes + strides, with the current torch
+CUDA stream as an integer handle, so ``ippo._C`` does not link libtorch (see csrc/README.md).
 """
 
 from __future__ import annotations
@@ -154,3 +155,11 @@ def project_rows(x: torch.Tensor, salt: int, m: int, acc: torch.dtype) -> torch.
         _mat(x), out.data_ptr(), DTYPE_CODES[acc], out.stride(0), out.stride(1), n, d, m, int(salt) & 0xFFFFFFFF,
         1.0 / math.sqrt(m), device.index, torch.cuda.current_stream(device).cuda_stream)
     return out
+
+
+def segment_sketch(z, coef, order, offsets, salt: int, scale: float, out: torch.Tensor) -> None:
+    """out (S, r, m) = scale * per episode sum_t coef[t] (x) (P z[t]): ``torch_backend.segment_sketch`` with the
+    projection of this backend's ``project_rows`` kernel (the fused reduction is the triton backend's)."""
+    from ippo.kernels import torch_backend
+
+    torch_backend.segment_sketch(z, coef, order, offsets, salt, scale, out, project=project_rows)

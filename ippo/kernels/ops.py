@@ -1,5 +1,6 @@
 """The torch ops ``token_influence``, ``influence_scores`` and ``gradient_sketches``: argument checks,
-torch.library registration, and the segment reductions shared by every backend.
+torch.library registration, and the segment bookkeeping shared by every backend (``segment_sum``,
+``segment_order``; the sketch's per-episode reduction itself is each backend's fused ``segment_sketch``).
 
 Each op checks its own inputs (in its implementation and its fake impl, so torch.ops callers and
 torch.compile get the same errors); the Python wrappers add only the segment id value check.
@@ -20,8 +21,6 @@ from ippo.kernels.backends import select_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-# Bounds the (tokens x r x m) outer products materialized per chunk in the sketch reduction.
-_OUTER_CHUNK_ELEMENTS = 1 << 22
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -120,16 +119,14 @@ def segment_sum(token_values: torch.Tensor, segment_ids: torch.Tensor, num_segme
     return buf[1:].to(token_values.dtype, copy=True)
 
 
-def segment_outer_sum(a: torch.Tensor, b: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """(S, p*q) = per segment, sum over its tokens of vec(a_t b_t^T), a: (N, p), b: (N, q); id -1 dropped."""
-    p, q = a.shape[1], b.shape[1]
-    buf = torch.zeros(num_segments + 1, p * q, dtype=a.dtype, device=a.device)
-    index = segment_ids.long() + 1
-    chunk = max(1, _OUTER_CHUNK_ELEMENTS // max(1, p * q))
-    for start in range(0, a.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        buf.index_add_(0, index[rows], (a[rows, :, None] * b[rows, None, :]).flatten(1))
-    return buf[1:]
+def segment_order(segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets) grouping tokens by episode, for the sketch kernels: ``order`` (N,) int64 token indices
+    sorted by segment id (stable), ``offsets`` (num_segments + 1,) int64 with episode s's tokens at
+    order[offsets[s]:offsets[s + 1]]. Ids outside [0, num_segments) (-1 = padding) fall outside every range and
+    are ignored. O(N) memory, no device sync."""
+    ids, order = torch.sort(segment_ids.long(), stable=True)
+    bounds = torch.arange(num_segments + 1, dtype=torch.int64, device=segment_ids.device)
+    return order, torch.searchsorted(ids, bounds)
 
 
 # ---- token_influence and influence_scores -------------------------------------------------------------
@@ -212,19 +209,32 @@ def check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed
     check_sketch_params("gradient_sketches", k, dims["r"], seed, layer)
 
 
+def sketch_values(x, h, grad_y, grad_h, segment_ids, num_segments: int, k: int, seed: int, layer: int,
+                  scaling: float) -> torch.Tensor:
+    """(num_segments, k) sketches from the selected backend's fused ``segment_sketch`` (inputs already checked).
+
+    The A half, vec(G_A,i P_in^T), is the (S, r, m) block out[:, :r*m]; the B half, vec(P_out G_B,i), is laid out
+    (S, m, r), so the kernel writes it through the transposed (S, r, m) view. No (tokens x r x m) tensor exists:
+    beyond the output the backends keep O(tokens x m) (torch, cuda) or O(tokens) (triton) transient memory.
+    """
+    _, backend = select_backend(x.device)
+    r = h.shape[1]
+    m = k // (2 * r)
+    out = torch.empty((num_segments, k), dtype=accumulation_dtype(x, h, grad_y, grad_h), device=x.device)
+    order, offsets = segment_order(segment_ids, num_segments)
+    backend.segment_sketch(x, grad_h, order, offsets, projection.projection_salt(seed, layer, projection.SIDE_IN),
+                           1.0, out[:, :r * m].view(num_segments, r, m))
+    backend.segment_sketch(grad_y, h, order, offsets, projection.projection_salt(seed, layer, projection.SIDE_OUT),
+                           scaling, out[:, r * m:].view(num_segments, m, r).transpose(1, 2))
+    return out
+
+
 @torch.library.custom_op("ippo::gradient_sketches", mutates_args=())
 def _gradient_sketches_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
                           segment_ids: torch.Tensor, num_segments: int, k: int, seed: int = 0, layer: int = 0,
                           scaling: float = 1.0) -> torch.Tensor:
     check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
-    _, backend = select_backend(x.device)
-    acc = accumulation_dtype(x, h, grad_y, grad_h)
-    m = k // (2 * h.shape[1])
-    u = backend.project_rows(x, projection.projection_salt(seed, layer, projection.SIDE_IN), m, acc)
-    w = backend.project_rows(grad_y, projection.projection_salt(seed, layer, projection.SIDE_OUT), m, acc)
-    sketch_a = segment_outer_sum(grad_h.to(acc), u, segment_ids, num_segments)
-    sketch_b = segment_outer_sum(w, h.to(acc), segment_ids, num_segments) * scaling
-    return torch.cat([sketch_a, sketch_b], dim=1)
+    return sketch_values(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
 
 
 @_gradient_sketches_op.register_fake
@@ -246,6 +256,10 @@ def gradient_sketches(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, gr
 
     so E[sketch_i . sketch_lora_gradient(V_A, V_B)] = s_i, with error ~ 1/sqrt(k). Bad input raises ValueError
     naming the argument, as in ``influence_scores``.
+
+    The reduction is fused (``sketch_values``): sketch_A,i = sum_t grad_h[t] (x) (P_in x[t]) and sketch_B,i =
+    scaling * sum_t (P_out grad_y[t]) (x) h[t] are summed per episode without any (tokens x r x m) tensor or
+    per-episode gradient; segment ids may come in any order. Deterministic on every backend.
     """
     check_sketch_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, k, seed, layer, scaling)
     check_segment_ids("gradient_sketches", segment_ids, num_segments)

@@ -10,7 +10,12 @@ buffer per episode:
 for a loss that is the sum of per-episode losses, l = sum_i l_i. Positive s_i: a step on episode i
 lowers the validation loss. Nothing per-episode wider than rank r is ever formed.
 
-Going through the registered op (rather than the backend function) makes the scorer run the path that is
+With ``sketch_dim=k`` the same backward also sketches every episode's whole LoRA gradient (the op
+``torch.ops.ippo.gradient_sketches`` per layer, fused: no per-episode gradient and no (tokens x r x m)
+tensor), so that ``scorer.sketches @ sketch_gradients(val_grads, k)`` estimates ``scorer.scores`` without
+bias, and sketches can be stored and scored later against any other validation gradient.
+
+Going through the registered ops (rather than the backend function) makes the scorer run the path that is
 opcheck'd and traced by torch.compile, with the op's input checks; it costs about 20 us of Python per LoRA
 layer per backward (dispatch and checks, measured on CPU).
 """
@@ -24,7 +29,14 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
-from ippo.kernels.ops import accumulation_dtype, check_index_tensor, check_segment_ids, segment_sum
+from ippo.kernels import projection
+from ippo.kernels.ops import (
+    accumulation_dtype,
+    check_index_tensor,
+    check_segment_ids,
+    segment_sum,
+    sketch_lora_gradient,
+)
 
 _OP = "InfluenceScorer"
 
@@ -65,6 +77,65 @@ def lora_linear_layers(model: torch.nn.Module) -> dict[str, LoraLinear]:
     if not layers:
         raise ValueError(f"{_OP}: model has no peft LoRA Linear layers")
     return layers
+
+
+def sketch_layer_index(names) -> dict[str, int]:
+    """{layer name: its projection index} for the whole-model sketch: the position of the layer in ``names``.
+
+    The scorer passes ``lora_linear_layers(model)`` (the model's ``named_modules()`` order, which is also the
+    order of ``validation_gradients``' dict), and ``sketch_gradients`` its dict's keys, so both use the same
+    per-layer projections when the dict comes from ``validation_gradients`` (or pass ``model=`` to it)."""
+    return {name: i for i, name in enumerate(names)}
+
+
+def check_sketch_dim(op: str, sketch_dim, ranks: Mapping[str, int]) -> None:
+    """sketch_dim a positive multiple of 2r for the rank r of every layer (ranks: {layer: r})."""
+    bad = {name: r for name, r in ranks.items() if isinstance(sketch_dim, int) and sketch_dim % (2 * r)}
+    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim <= 0 or bad:
+        needed = sorted({2 * r for r in ranks.values()})
+        raise ValueError(f"{op}: sketch_dim must be a positive int, a multiple of 2 * r for every LoRA layer's rank r "
+                         f"(2r in {needed}); got {sketch_dim!r}"
+                         + (f", not a multiple for layer {next(iter(bad))} (r = {next(iter(bad.values()))})"
+                            if bad else ""))
+
+
+def check_sketch_seed(op: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < projection.SEED_LIMIT:
+        raise ValueError(f"{op}: sketch_seed must be an int in [0, 2**63); got {seed!r}")
+
+
+def sketch_gradients(grads: Mapping[str, LoRAGrad], k: int, seed: int = 0, *,
+                     model: torch.nn.Module | None = None) -> torch.Tensor:
+    """(k,) whole-model sketch of a dense LoRA gradient {layer: LoRAGrad(A (r, d_in), B (d_out, r))}, e.g. from
+    ``validation_gradients``: the sum over layers of ``sketch_lora_gradient(A, B, k, seed, layer=i)``, i the
+    layer's position in ``grads`` (``sketch_layer_index``), the projection ``InfluenceScorer(..., sketch_dim=k,
+    sketch_seed=seed)`` uses. So ``scorer.sketches @ sketch_gradients(val_grads, k, seed)`` is an unbiased
+    estimate of ``scorer.scores`` (error ~ 1/sqrt(k)). float32, float64 if any gradient is float64.
+
+    With ``model``, the layer order is the model's and ``grads`` must have exactly its LoRA layers (ValueError
+    otherwise); without it, ``grads`` must be in the model's ``named_modules()`` order, as
+    ``validation_gradients`` returns it."""
+    op = "sketch_gradients"
+    if not grads:
+        raise ValueError(f"{op}: grads is empty; pass {{layer name: LoRAGrad(A, B)}} for every LoRA layer")
+    names = list(grads)
+    if model is not None:
+        layers = list(lora_linear_layers(model))
+        missing, extra = sorted(set(layers) - set(names)), sorted(set(names) - set(layers))
+        if missing or extra:
+            raise ValueError(f"{op}: grads must have one entry per LoRA layer of model; missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        names = layers
+    ranks = {name: LoRAGrad(*grads[name]).A.shape[0] for name in names}
+    check_sketch_dim(op, k, ranks)
+    check_sketch_seed(op, seed)
+    acc = accumulation_dtype(*(t for name in names for t in grads[name]))
+    total = None
+    for name, index in sketch_layer_index(names).items():
+        grad = LoRAGrad(*grads[name])
+        part = sketch_lora_gradient(grad.A, grad.B, k, seed, index).to(acc)
+        total = part if total is None else total + part
+    return total
 
 
 def validation_gradients(model: torch.nn.Module, val_loss: torch.Tensor) -> dict[str, LoRAGrad]:
@@ -108,75 +179,149 @@ class _ScoredLoRA(torch.autograd.Function):
         grad_h = (g @ weight_B.to(dtype)) * s
         ctx.site.add(x2, h2, g, grad_h)
         grad_x = (grad_h @ weight_A.to(dtype)).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_A = (grad_h.T @ x2).to(weight_A.dtype) if ctx.needs_input_grad[1] else None
-        grad_B = ((g.T @ h2) * s).to(weight_B.dtype) if ctx.needs_input_grad[2] else None
+        lora_grads = ctx.site.scorer.lora_grads  # False: scoring only, the two weight-gradient GEMMs are skipped
+        grad_A = (grad_h.T @ x2).to(weight_A.dtype) if lora_grads and ctx.needs_input_grad[1] else None
+        grad_B = ((g.T @ h2) * s).to(weight_B.dtype) if lora_grads and ctx.needs_input_grad[2] else None
         return grad_x, grad_A, grad_B, None, None
 
 
 class _Site:
-    """One scored LoRA layer: its name, validation gradient and scaling, and the scorer whose buffer it adds to."""
+    """One scored LoRA layer: its name, validation gradient (or None), scaling and sketch projection index, and
+    the scorer whose buffers it adds to."""
 
-    def __init__(self, scorer: InfluenceScorer, name: str, val: LoRAGrad, scaling: float):
-        self.scorer, self.name, self.val, self.scaling = scorer, name, val, scaling
+    def __init__(self, scorer: InfluenceScorer, name: str, val: LoRAGrad | None, scaling: float, index: int):
+        self.scorer, self.name, self.val, self.scaling, self.index = scorer, name, val, scaling, index
 
     def add(self, x, h, grad_y, grad_h) -> None:
-        """token_scores (N,) += this layer's per-token influence; x (N, d_in), h, grad_h (N, r), grad_y (N, d_out)."""
-        self.scorer.token_scores.add_(torch.ops.ippo.token_influence(x, h, grad_y, grad_h, self.val.A, self.val.B,
+        """The scorer's (N,) token buffer += this layer's per-token influence, and its (S, k) sketches += this
+        layer's sketches; x (N, d_in), h, grad_h (N, r), grad_y (N, d_out)."""
+        scorer = self.scorer
+        if self.val is not None:
+            scorer._token_buffer.add_(torch.ops.ippo.token_influence(x, h, grad_y, grad_h, self.val.A, self.val.B,
                                                                      self.scaling))
+        if scorer.sketch_dim is not None:
+            scorer._sketch_buffer.add_(torch.ops.ippo.gradient_sketches(
+                x, h, grad_y, grad_h, scorer.segment_ids, scorer.num_segments, scorer.sketch_dim, scorer.sketch_seed,
+                self.index, self.scaling))
 
 
 class InfluenceScorer:
-    """Context manager: per-episode influence scores from one backward over a peft LoRA model.
+    """Context manager: per-episode influence scores, per-token scores and gradient sketches from one backward
+    over a peft LoRA model.
 
     model: has peft LoRA Linear layers (one active adapter, not merged, no DoRA).
-    val_grads: {layer name: LoRAGrad(V_A (r, d_in), V_B (d_out, r))}, e.g. from ``validation_gradients``.
+    val_grads: {layer name: LoRAGrad(V_A (r, d_in), V_B (d_out, r))}, e.g. from ``validation_gradients``; None
+        when only sketches are wanted (then ``sketch_dim`` is required).
     segment_ids: integer tensor shaped like the batch's input_ids ((B, T), or (N,) packed): the episode
         of each token, -1 for padding or tokens to ignore. num_segments: episodes (default max id + 1).
+    sketch_dim: k, to also sketch each episode's gradient over all LoRA layers (a positive multiple of 2r for
+        every layer's rank r); sketch_seed: the projection's seed (an int in [0, 2**63)).
+    lora_grads: False = scoring only: the LoRA weight-gradient GEMMs are skipped and the LoRA .grad are left
+        untouched (gradients still flow to everything below the LoRA layers).
 
-    Run the forward *and* the backward of l = sum_i l_i inside the context; ``scores`` is then
-    (num_segments,) float32 (float64 for a float64 model). The LoRA .grad values are the usual ones.
-    With gradient checkpointing the re-run forward adds nothing: scores are taken in the backward only.
-    A scorer is entered once, one scorer at a time per model; merging the adapter inside the context and
-    inputs whose token dims differ from segment_ids' shape raise.
+    Run the forward *and* the backward of l = sum_i l_i inside the context; then (float32, or float64 for a
+    float64 model):
+
+    * ``scores``: (num_segments,) s_i = < dl_i/dtheta, V > (needs val_grads).
+    * ``token_scores``: shaped like segment_ids, the part of s_i that the backward brings through token t's
+      position (the per-token terms of the math in the module docstring); 0 on ignored tokens, and they sum
+      to ``scores`` over each episode. Through attention, position t's gradient carries the losses of t and of
+      later tokens, so this attributes the score to where the gradient meets the LoRA weights, not to which
+      token's loss produced it.
+    * ``sketches``: (num_segments, k), the sketch of each episode's gradient over all LoRA layers: the sum of
+      the layer sketches of ``gradient_sketches``, layer i of ``sketch_layer_index(lora_linear_layers(model))``
+      using projection index i (independent projections per layer). ``sketches @ sketch_gradients(val_grads,
+      k, sketch_seed)`` estimates ``scores`` without bias, so a trainer can store ``sketches`` per iteration
+      (with ``sketch_layers``, the layer names in projection order, and the seed) and score them later.
+
+    With lora_grads=True (default) the LoRA .grad values are the usual ones. With gradient checkpointing the
+    re-run forward adds nothing: everything is taken in the backward only. A scorer is entered once, one scorer
+    at a time per model; merging the adapter inside the context and inputs whose token dims differ from
+    segment_ids' shape raise.
     """
 
-    def __init__(self, model: torch.nn.Module, val_grads: Mapping[str, LoRAGrad], segment_ids: torch.Tensor,
-                 num_segments: int | None = None):
+    def __init__(self, model: torch.nn.Module, val_grads: Mapping[str, LoRAGrad] | None, segment_ids: torch.Tensor,
+                 num_segments: int | None = None, *, sketch_dim: int | None = None, sketch_seed: int = 0,
+                 lora_grads: bool = True):
         layers = lora_linear_layers(model)
         check_index_tensor(_OP, segment_ids)
         if num_segments is None:
             num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
         check_segment_ids(_OP, segment_ids, num_segments)
-        missing = sorted(set(layers) - set(val_grads))
-        extra = sorted(set(val_grads) - set(layers))
-        if missing or extra:
-            raise ValueError(f"{_OP}: val_grads must have one entry per LoRA layer; missing {missing[:3]}"
-                             f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-                             f"{'...' if len(extra) > 3 else ''}")
+        if val_grads is None and sketch_dim is None:
+            raise ValueError(f"{_OP}: nothing to compute: val_grads is None and sketch_dim is None; pass validation "
+                             "gradients for scores, sketch_dim=k for sketches, or both")
+        if val_grads is not None:
+            missing = sorted(set(layers) - set(val_grads))
+            extra = sorted(set(val_grads) - set(layers))
+            if missing or extra:
+                raise ValueError(f"{_OP}: val_grads must have one entry per LoRA layer; missing {missing[:3]}"
+                                 f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+                                 f"{'...' if len(extra) > 3 else ''}")
+        adapters = {name: active_adapter(name, layer) for name, layer in layers.items()}
+        if sketch_dim is not None:
+            check_sketch_dim(_OP, sketch_dim, {name: layer.r[adapters[name]] for name, layer in layers.items()})
+            check_sketch_seed(_OP, sketch_seed)
+        if not isinstance(lora_grads, bool):
+            raise ValueError(f"{_OP}: lora_grads must be True or False; got {lora_grads!r}")
+        self.sketch_dim, self.sketch_seed, self.lora_grads = sketch_dim, sketch_seed, lora_grads
+        self.sketch_layers = tuple(layers)  # projection index i = position here (sketch_layer_index)
         self.sites: dict[str, tuple[LoraLinear, str, _Site]] = {}
-        for name, layer in layers.items():
-            adapter = active_adapter(name, layer)
-            val = LoRAGrad(*val_grads[name])
+        weights_seen = []
+        for index, (name, layer) in enumerate(layers.items()):
+            adapter = adapters[name]
             weights = {"A": layer.lora_A[adapter].weight, "B": layer.lora_B[adapter].weight}
-            for (part, weight), got in zip(weights.items(), val):
-                if not isinstance(got, torch.Tensor) or got.shape != weight.shape:
-                    raise ValueError(f"{_OP}: val_grads[{name!r}].{part} must have shape {tuple(weight.shape)} "
-                                     f"like lora_{part}.weight; got {tuple(getattr(got, 'shape', ()))}")
-                if got.device != segment_ids.device:
-                    raise ValueError(f"{_OP}: val_grads[{name!r}].{part} is on {got.device} but segment_ids is "
-                                     f"on {segment_ids.device}; put both on the model's device")
-            self.sites[name] = (layer, adapter, _Site(self, name, val, float(layer.scaling[adapter])))
+            weights_seen += weights.values()
+            val = None
+            if val_grads is not None:
+                val = LoRAGrad(*val_grads[name])
+                for (part, weight), got in zip(weights.items(), val):
+                    if not isinstance(got, torch.Tensor) or got.shape != weight.shape:
+                        raise ValueError(f"{_OP}: val_grads[{name!r}].{part} must have shape {tuple(weight.shape)} "
+                                         f"like lora_{part}.weight; got {tuple(getattr(got, 'shape', ()))}")
+                    if got.device != segment_ids.device:
+                        raise ValueError(f"{_OP}: val_grads[{name!r}].{part} is on {got.device} but segment_ids is "
+                                         f"on {segment_ids.device}; put both on the model's device")
+            self.sites[name] = (layer, adapter, _Site(self, name, val, float(layer.scaling[adapter]), index))
         self.segment_shape = tuple(segment_ids.shape)
         self.segment_ids, self.num_segments = segment_ids.reshape(-1), num_segments
-        acc = accumulation_dtype(*(t for _, _, site in self.sites.values() for t in site.val))
-        self.token_scores = torch.zeros(segment_ids.numel(), dtype=acc, device=segment_ids.device)
+        if val_grads is not None:
+            acc = accumulation_dtype(*(t for _, _, site in self.sites.values() for t in site.val))
+        else:
+            acc = accumulation_dtype(*weights_seen)
+        self.has_scores = val_grads is not None
+        self._token_buffer = torch.zeros(segment_ids.numel(), dtype=acc, device=segment_ids.device)
+        self._sketch_buffer = (torch.zeros((num_segments, sketch_dim), dtype=acc, device=segment_ids.device)
+                               if sketch_dim is not None else None)
         self.entered = False
         self.previous_forwards: dict[str, object] = {}
+
+    def _need_scores(self, what: str) -> None:
+        if not self.has_scores:
+            raise RuntimeError(f"{_OP}: {what} needs validation gradients; this scorer was made with val_grads=None "
+                               "(sketches only)")
 
     @property
     def scores(self) -> torch.Tensor:
         """(num_segments,) influence of each episode on the validation loss (positive = helps)."""
-        return segment_sum(self.token_scores, self.segment_ids, self.num_segments)
+        self._need_scores("scores")
+        return segment_sum(self._token_buffer, self.segment_ids, self.num_segments)
+
+    @property
+    def token_scores(self) -> torch.Tensor:
+        """Per-token influence, shaped like segment_ids: token t's share of its episode's score (the terms
+        gh_t . (V_A x_t) + s g_t . (V_B h_t) summed over layers); 0 where segment_ids is -1. Summed over an
+        episode's tokens it gives ``scores`` (up to rounding). See the class docstring for what it attributes."""
+        self._need_scores("token_scores")
+        values = torch.where(self.segment_ids >= 0, self._token_buffer, torch.zeros_like(self._token_buffer))
+        return values.reshape(self.segment_shape)
+
+    @property
+    def sketches(self) -> torch.Tensor:
+        """(num_segments, sketch_dim) whole-model gradient sketch of each episode (see the class docstring)."""
+        if self._sketch_buffer is None:
+            raise RuntimeError(f"{_OP}: sketches need sketch_dim=k; this scorer was made without it")
+        return self._sketch_buffer.clone()
 
     def __enter__(self) -> InfluenceScorer:
         if self.entered:
