@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train_trainer import cfg_for, records, run
+from test_train_trainer import cfg_for, kill_sft_warm_start, records, run
 
 from ippo.train import cli, report
 from ippo.train.config import Config, flag
@@ -72,23 +72,7 @@ def test_unusable_sft_cache_entry_is_reported_and_rebuilt(tmp_path):
 
 def test_unusable_sft_checkpoint_starts_the_warm_start_over(tmp_path, monkeypatch):
     """A killed warm start whose checkpoint is then damaged starts over, and ends as an uninterrupted one."""
-    from ippo.train import sft
-
-    cfg = dict(sft_steps=7, iterations=0, eval_size=1, eval_k=1)
-    run(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a")
-    real_loss, calls = sft.sft_loss, []
-
-    def dies_at_step_6(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(sft, "sft_loss", dies_at_step_6)
-    killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
-    with pytest.raises(KeyboardInterrupt):
-        run(killed, tmp_path / "b")
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    killed = kill_sft_warm_start(tmp_path, monkeypatch, steps=7, dies_at=6)
     [partial] = (tmp_path / "killed").rglob("partial")
     tensors_path, _ = checkpoint_files(partial)
     save_file({k: v for k, v in load_file(tensors_path).items() if not k.startswith("lora/")}, tensors_path)

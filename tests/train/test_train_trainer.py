@@ -226,28 +226,35 @@ def test_sft_warm_start_is_cached(tmp_path):
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
 
 
+def kill_sft_warm_start(tmp_path, monkeypatch, steps: int, dies_at: int):
+    """An uninterrupted warm start of ``steps`` steps (cache ``whole``), then one killed (KeyboardInterrupt) at
+    its step ``dies_at`` (cache ``killed``); returns the killed run's config, to be run again."""
+    from ippo.train import sft
+
+    cfg = dict(sft_steps=steps, iterations=0, eval_size=1, eval_k=1)
+    run(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a")
+    real_loss, calls = sft.sft_loss, []
+
+    def dies(*args):
+        calls.append(1)
+        if len(calls) == dies_at:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(sft, "sft_loss", dies)
+    killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, tmp_path / "b")
+    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    return killed
+
+
 def test_killed_sft_warm_start_resumes_with_nothing_lost(tmp_path, monkeypatch):
     """Killed after step 7 of 12 (checkpoint at step 5), the warm start goes on from step 5 and ends with the
     adapter of an uninterrupted warm start."""
     from safetensors.torch import load_file
 
-    from ippo.train import sft
-
-    cfg = dict(sft_steps=12, iterations=0, eval_size=1, eval_k=1)
-    run(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a")
-    real_loss, calls = sft.sft_loss, []
-
-    def dies_at_step_8(*args):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(sft, "sft_loss", dies_at_step_8)
-    killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
-    with pytest.raises(KeyboardInterrupt):
-        run(killed, tmp_path / "b")
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    killed = kill_sft_warm_start(tmp_path, monkeypatch, steps=12, dies_at=8)
     logs = []
     run(killed, tmp_path / "c", log=logs.append)
     assert any("resuming at step 5" in line for line in logs)
