@@ -53,6 +53,14 @@ def _fmix32(h):
     return h
 
 
+@triton.jit
+def _sign_tile(k, j_key):
+    """(BLOCK_K, BLOCK_M) tile of P^T as +-1.0: sign(j, c) of ``projection.py`` for columns c = k and the
+    rows' keys j_key = j * ROW_MULT + salt (the 1 / sqrt(m) is applied by the caller)."""
+    key = k[:, None].to(tl.uint32) * _COL_MULT + j_key[None, :]
+    return 1.0 - 2.0 * (_fmix32(key) >> 31).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["salt"])  # a salt of 1 would otherwise become a constexpr without .to()
 def project_rows_kernel(
     x_ptr, out_ptr, N, D, M, stride_xn, stride_xk, stride_on, stride_om, salt, inv_sqrt_m,
@@ -71,8 +79,7 @@ def project_rows_kernel(
         k_ok = k < D
         x_tile = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        key = k[:, None].to(tl.uint32) * _COL_MULT + j_key[None, :]
-        sign = 1.0 - 2.0 * (_fmix32(key) >> 31).to(tl.float32)  # (BLOCK_K, BLOCK_M), the P^T tile
+        sign = _sign_tile(k, j_key)
         acc += tl.dot(x_tile.to(DOT_DTYPE), sign.to(DOT_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
     out_ok = row_ok[:, None] & (js < M)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_on + js[None, :] * stride_om, acc * inv_sqrt_m, mask=out_ok)
@@ -121,8 +128,7 @@ def segment_sketch_kernel(
             k_ok = k < D
             z_tile = tl.load(z_ptr + tokens[:, None] * stride_zn + k[None, :] * stride_zk,
                              mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-            key = k[:, None].to(tl.uint32) * _COL_MULT + j_key[None, :]
-            sign = 1.0 - 2.0 * (_fmix32(key) >> 31).to(tl.float32)  # (BLOCK_K, BLOCK_M), the P^T tile
+            sign = _sign_tile(k, j_key)
             u += tl.dot(z_tile.to(DOT_DTYPE), sign.to(DOT_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
         c = tl.load(coef_ptr + tokens[:, None] * stride_cn + ranks[None, :] * stride_cr,
                     mask=p_ok[:, None] & rank_ok[None, :], other=0.0)
