@@ -1,4 +1,5 @@
-"""``ippo train|sft|eval|compare|report``: the command line of the thin I-PPO trainer (``python -m ippo.train`` too)."""
+"""``ippo train|sft|eval|compare|probe|attribute|report``: the command line of the thin I-PPO trainer (also
+``python -m ippo.train``)."""
 
 from __future__ import annotations
 
@@ -68,11 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run several algorithms on the same seeds and print one table",
                        description="Runs each of --algos with the same options and seed into <out>/<algo>, then "
-                       "prints and writes (<out>/report.md, PNGs) one comparison table.")
-    common(p, "output directory (default runs/compare-seed<seed>)")
+                       "prints and writes (<out>/report.md, PNGs) one comparison table. With --seeds: each (algo, "
+                       "seed) into <out>/<algo>-seed<s>, and per algorithm the mean and 95% t interval over seeds "
+                       "of the final eval, with paired differences vs the first algo.")
+    common(p, "output directory (default runs/compare-seed<seed>, with --seeds runs/compare-seeds)")
     p.add_argument("--algos", default="sft,ppo,ippo", help="comma-separated algorithms (default: sft,ppo,ippo)")
-    p.add_argument("--resume", action="store_true", help="resume each run that has a checkpoint")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (replaces --seed; default: none, "
+                   "one run per algo with --seed)")
+    p.add_argument("--resume", action="store_true", help="resume each run that has a checkpoint (with --seeds: "
+                   "finished runs are skipped)")
     _add_config_options(p, skip=("algo",))
+
+    p = sub.add_parser("probe", help="score many rollout draws at the SFT warm start (no training): how well the "
+                       "scores find flipped rewards and unfaithful episodes, and how stable they are",
+                       description="Draws --draws buffers at the cached SFT warm start, scores them with the trainer's "
+                       "scoring pass and writes <out>/probe.json and probe.png (see ippo/train/probe.py).")
+    common(p, "output directory (default runs/probe-seed<seed>)")
+    p.add_argument("--draws", type=int, default=20, help="rollout draws (default: 20)")
+    p.add_argument("--big-val-size", type=int, default=64, help="validation pairs of the larger draw that the scores "
+                   "are compared with (default: 64)")
+    p.add_argument("--no-stability", action="store_true", help="skip the stability scores (two more validation "
+                   "gradients and scoring passes per draw)")
+    _add_config_options(p)
+
+    p = sub.add_parser("attribute", help="TracIn attribution of a run's stored episodes (train --sketch-dim) to the "
+                       "SFT loss of a validation set",
+                       description="For each episode stored by `ippo train --sketch-dim K`: lr x its update weight "
+                       "x <its gradient sketch, the sketch of the gradient of VAL's SFT loss at that iteration's "
+                       "adapter> (> 0: the step on it lowered VAL's loss, to first order; Adam and the minibatch steps "
+                       "ignored, as TracIn does). One forward+backward over VAL per stored iteration. Writes "
+                       "attribution.json, attribution.md and attribution.png (see ippo/train/attribution.py).")
+    p.add_argument("run", help="run directory trained with --sketch-dim K")
+    p.add_argument("--data", required=True, help="VAL: a jsonl of GSM8K-format {question, answer} lines, or "
+                   "'validation' / 'eval' for the run task's own split")
+    common(p, "output directory (default RUN/attribution)")
+    p.add_argument("--val-size", type=int, default=None, help="use the first N examples of VAL (default: all)")
+    p.add_argument("--val-batch", type=int, default=None, help="examples per forward+backward (default: the run's "
+                   "--val-batch)")
 
     p = sub.add_parser("report", help="write report.md + PNG plots for one or more run directories")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -82,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_eval(label: str, ev: dict) -> None:
-    print(f"{label}: accuracy {ev['accuracy']:.3f}  majority {ev['majority']:.3f}  pass@{ev['k']} "
+    greedy = f"  greedy {ev['greedy_accuracy']:.3f}" if "greedy_accuracy" in ev else ""
+    print(f"{label}: accuracy {ev['accuracy']:.3f}{greedy}  majority {ev['majority']:.3f}  pass@{ev['k']} "
           f"{ev['pass_at_k']:.3f}  unfaithful {ev['unfaithful']:.3f}  faithful accuracy {ev['faithful_accuracy']:.3f}")
 
 
@@ -124,6 +158,8 @@ def _run(args) -> int:
         bad = [a for a in algos if a not in trainer.ALGOS]
         if bad or not algos:
             raise ValueError(f"--algos must name some of {trainer.ALGOS}, got {args.algos!r}")
+        if args.seeds is not None:
+            return _compare_seeds(args, algos, progress)
         out = Path(args.out or f"runs/compare-seed{args.seed}")
         dirs = []
         for algo in algos:
@@ -136,11 +172,43 @@ def _run(args) -> int:
         md = report.write_report(dirs, out, title=f"compare {', '.join(algos)} (seed {args.seed})")
         print(report.table([report.summarize(d) for d in dirs]))
         print(f"report: {md}")
+    elif args.command == "probe":
+        from ippo.train import probe
+
+        cfg = _config(args)
+        out = Path(args.out or f"runs/probe-seed{cfg.seed}")
+        result = probe.probe(cfg, out, args.draws, args.big_val_size, stability=not args.no_stability,
+                             progress=progress)
+        print(json.dumps(result["summary"], indent=1))
+        print(f"probe: {out / 'probe.json'}, {out / 'probe.png'}")
+    elif args.command == "attribute":
+        from ippo.train import attribution
+
+        result = attribution.attribute(args.run, args.data, out=args.out, val_size=args.val_size,
+                                       val_batch=args.val_batch, progress=progress)
+        print(f"{len(result['episodes'])} episodes of {len(result['iterations'])} iterations, {result['val_examples']} "
+              f"validation examples: total attribution {result['total']:.4g}\nreport: {result['report']}")
     elif args.command == "report":
         md = report.write_report(args.runs, args.out, title=args.title)
         print(report.table([report.summarize(d) for d in args.runs]))
         print(f"report: {md}")
     return 0
+
+
+def _compare_seeds(args, algos: list[str], progress: bool) -> int:
+    """``ippo compare --seeds``: every (algo, seed) run, then the report over seeds; 1 if a run is left out."""
+    from ippo.train import compare
+
+    seeds = compare.parse_seeds(args.seeds)
+    cfg = _config(args)
+    out = Path(args.out or "runs/compare-seeds")
+    failed = compare.run_all(cfg, algos, seeds, out, resume=args.resume, progress=progress)
+    md, tables, problems = compare.write_seed_report(cfg, algos, seeds, out, failed)
+    print(tables)
+    for name, why in problems.items():
+        print(f"left out {name}: {why}")
+    print(f"report: {md}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ippo.train.model import default_model_dir
 from ippo.train.tasks import Task, make_task
 
 ALGOS = ("sft", "ppo", "grpo", "ippo")
+STOP_RULES = ("evidence", "paper")
 SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
 MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
 
@@ -66,6 +67,8 @@ class Config:
     sft_lr: float = opt(1e-3, "SFT learning rate (AdamW; also the sft algorithm's)")
     # RL
     iterations: int = opt(12, "RL iterations (sft: SFT steps) after the warm start")
+    wall_budget: float = opt(0.0, "training wall-clock budget in seconds (eval excluded): stop after the first "
+                             "iteration that reaches it, with a final eval; 0 = off (--iterations only)")
     prompts_per_iter: int = opt(2, "training prompts per iteration")
     samples_per_prompt: int = opt(8, "completions sampled per prompt (the paper: 8)")
     temperature: float = opt(0.6, "rollout sampling temperature (the paper: 0.6)")
@@ -90,11 +93,34 @@ class Config:
     val_batch: int = opt(8, "ippo: validation pairs per forward+backward of the validation gradient (micro-batches "
                          "summed: the same gradient, the memory of this many pairs)")
     tol: float = opt(0.0, "ippo: drop episodes with score <= tol (a band above 0; 0 = the paper's rule)")
+    stop_rule: str = opt("evidence", "ippo: 'evidence' (default) drops the episodes of prompt groups whose rewards "
+                         "are all equal (no reward signal: their advantages are critic and KL noise) whatever their "
+                         "score, and stops after --stop-patience consecutive iterations whose signal-carrying episodes "
+                         "were all dropped; 'paper' filters every episode and stops at the first iteration with none "
+                         "kept. Default evidence: at the main job's SFT warm start the paper's rule stopped on 5 of 11 "
+                         "all-correct buffers, i.e. on reward-free noise (reports/probes/README.md)")
+    stop_patience: int = opt(2, "ippo --stop-rule evidence: consecutive iterations with reward signal and no kept "
+                             "episode before the stop")
+    reward_noise: float = opt(0.0, "probe: flip the binary reward of round(p * episodes) episodes per iteration "
+                              "(seeded by --seed and the iteration); logs how well scores and advantages find them")
+    # sketches, for `ippo attribute`
+    sketch_dim: int = opt(0, "ppo, grpo, ippo: K > 0 stores per iteration, in RUN/sketches/, every episode's K-wide "
+                          "sketch of its actor-loss gradient at the sampling policy (ippo: from the scoring backward "
+                          "itself; ppo, grpo: one extra backward, timed with the writes as time.sketch), its reward, "
+                          "score (ippo), keep, weight, train-split index and text, and a bf16 snapshot of the LoRA "
+                          "adapter that produced them, for `ippo attribute RUN --data VAL.jsonl`. A multiple of 2 x "
+                          "--lora-r; 4096 is a good K (RESULTS.md); 10.1 MB per iteration at the defaults (9.83 MB "
+                          "adapter + 0.27 MB sketches); 0 = off; ignored by sft")
+    sketch_seed: int = opt(0, "seed of the sketch projection (runs with the same seed and K share it)")
     # evaluation
     eval_size: int = opt(32, "eval problems (held-out eval split)")
     eval_k: int = opt(4, "samples per eval problem (accuracy = mean over them; majority vote; pass@k)")
     eval_temperature: float = opt(0.6, "eval sampling temperature (0 = greedy)")
     eval_every: int = opt(4, "evaluate every this many iterations (and at the end)")
+    eval_greedy: bool = opt(True, "also one greedy completion per eval problem (greedy_accuracy; on CPU about a "
+                            "third of the time of 4 samples per problem)")
+    final_eval_size: int = opt(0, "eval problems of the final eval (last iteration, early stop, wall budget); the "
+                               "evals before it use --eval-size; 0 = --eval-size")
     # bookkeeping
     gen_batch: int = opt(64, "max sequences generated at once")
     device: str = opt("auto", "where the model runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -112,12 +138,12 @@ class Config:
                 raise ValueError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["lora_r", "sft_batch", "prompts_per_iter", "samples_per_prompt", "max_new_tokens", "epochs",
                     "minibatch", "val_size", "val_batch", "eval_size", "eval_k", "eval_every", "gen_batch",
-                    "arith_steps", "arith_digits"]
+                    "arith_steps", "arith_digits", "stop_patience"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ["sft_steps", "iterations", "kl_coef", "tol", "threads", "log_episodes", "temperature",
-                     "eval_temperature", "vf_coef", "gsm8k_val_size"]:
+                     "eval_temperature", "vf_coef", "gsm8k_val_size", "wall_budget", "final_eval_size"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ["lr", "value_lr", "sft_lr", "clip", "vf_clip", "max_grad_norm", "lora_alpha"]:
@@ -131,6 +157,18 @@ class Config:
         arith_sizes(self)
         if self.algo == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"--stop-rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
+        if self.algo == "ippo" and self.stop_rule == "evidence" and self.samples_per_prompt < 2:
+            raise ValueError("--samples-per-prompt must be >= 2 for --stop-rule evidence (reward signal is a prompt "
+                             "group with two different rewards); use --stop-rule paper")
+        if not 0 <= self.reward_noise < 1:
+            raise ValueError(f"--reward-noise must be in [0, 1), got {self.reward_noise}")
+        if self.sketch_dim < 0 or self.sketch_dim % (2 * self.lora_r):
+            raise ValueError(f"--sketch-dim must be 0 (off) or a positive multiple of 2 x --lora-r = "
+                             f"{2 * self.lora_r}, got {self.sketch_dim}")
+        if not 0 <= self.sketch_seed < 2**63:
+            raise ValueError(f"--sketch-seed must be in [0, 2**63), got {self.sketch_seed}")
 
 
 def _check_types(cfg: Config) -> None:

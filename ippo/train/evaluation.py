@@ -18,21 +18,31 @@ from ippo.train.tasks import Task, extract_final_answer
 
 
 @torch.no_grad()
-def evaluate(lm: nn.Module, tokenizer, task: Task, cfg: Config, seed: int) -> dict:
-    """Metrics on the first ``eval_size`` eval problems, ``eval_k`` samples each, with a fixed sampling seed.
+def evaluate(lm: nn.Module, tokenizer, task: Task, cfg: Config, seed: int, size: int | None = None) -> dict:
+    """Metrics on the first ``size`` (default ``eval_size``) eval problems, ``eval_k`` samples each, with a fixed
+    sampling seed.
 
-    accuracy: mean correctness over all samples; majority: the most common final answer is right;
+    accuracy: mean correctness over all samples; greedy_accuracy (``eval_greedy``): correctness of one greedy
+    completion per problem, generated in batches of ``gen_batch``; majority: the most common final answer is right;
     pass_at_k: at least one sample is right; unfaithful: share of correct samples with >= 1 wrong step;
     faithful_accuracy: share of samples that are correct with every step right. checker_errors: checker
     calls that raised (a raising ``check_answer`` counts as wrong, a raising ``check_steps`` as a wrong step).
     """
-    examples = task.split("eval")[:cfg.eval_size]
+    examples = task.split("eval")[:size or cfg.eval_size]
     with fork_rng():
         torch.manual_seed(seed)
         ro = sample(lm, tokenizer, task, examples, cfg.eval_k, cfg.eval_temperature, cfg.max_new_tokens,
                     cfg.gen_batch)
+        # at eval temperature 0 the samples are the greedy completions already
+        greedy_ro = sample(lm, tokenizer, task, examples, 1, 0.0, cfg.max_new_tokens, cfg.gen_batch) \
+            if cfg.eval_greedy and cfg.eval_temperature > 0 else ro
     errors = Counter()
     correct = [_checked(errors, False, task.check_answer, t, ex) for t, ex in zip(ro.texts, ro.examples)]
+    greedy = {}
+    if cfg.eval_greedy:
+        greedy_correct = [_checked(errors, False, task.check_answer, t, ex)
+                          for t, ex in zip(greedy_ro.texts, greedy_ro.examples)]
+        greedy = {"greedy_accuracy": sum(greedy_correct) / len(greedy_correct)}
     wrong_steps = [_checked(errors, (1, 1), task.check_steps, t)[1] > 0 for t in ro.texts]
     by_question = [range(i * cfg.eval_k, (i + 1) * cfg.eval_k) for i in range(len(examples))]
     majority = []
@@ -47,7 +57,7 @@ def evaluate(lm: nn.Module, tokenizer, task: Task, cfg: Config, seed: int) -> di
             "unfaithful": unfaithful / n_correct if n_correct else 0.0,
             "faithful_accuracy": (n_correct - unfaithful) / len(correct),
             "mean_len": float(ro.mask.sum(1).mean()), "n_questions": len(examples), "k": cfg.eval_k,
-            "checker_errors": errors["raised"], "sample": ro.texts[0][:300]}
+            "checker_errors": errors["raised"], "sample": ro.texts[0][:300]} | greedy
 
 
 def _checked(errors: Counter, fallback, check, *args):

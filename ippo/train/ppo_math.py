@@ -9,6 +9,7 @@ loss is the mean of the per-episode losses over non-empty episodes, so one episo
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -205,12 +206,13 @@ class FilterResult(NamedTuple):
     stop: bool
 
 
-def ippo_filter(scores: Tensor, tol: float = 0.0) -> FilterResult:
+def ippo_filter(scores: Tensor, tol: float = 0.0, signal: Tensor | None = None) -> FilterResult:
     """Keep the episodes whose influence score helps validation by more than ``tol``.
 
-    ``keep_i = scores_i > tol``; ``weights_i = scores_i / mean(scores[keep])`` for kept episodes
-    (they average 1) and 0 for dropped ones; ``stop`` is True when no episode survives (the
-    policy update should stop). ``tol`` must be >= 0 so kept scores, and weights, are positive.
+    ``keep_i = scores_i > tol`` (and ``signal_i`` when given: episodes without reward signal, see
+    :func:`signal_episodes`, are dropped whatever their score); ``weights_i = scores_i / mean(scores[keep])``
+    for kept episodes (they average 1) and 0 for dropped ones; ``stop`` is True when no episode survives (the
+    paper's stop rule). ``tol`` must be >= 0 so kept scores, and weights, are positive.
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be (E,), got {tuple(scores.shape)}")
@@ -218,8 +220,98 @@ def ippo_filter(scores: Tensor, tol: float = 0.0) -> FilterResult:
         raise ValueError("scores must be finite")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if signal is not None and signal.shape != scores.shape:
+        raise ValueError(f"signal must be shaped like scores {tuple(scores.shape)}, got {tuple(signal.shape)}")
     scores = scores.float()
-    keep = scores > tol
+    keep = scores > tol if signal is None else (scores > tol) & signal.bool()
     if not keep.any():
         return FilterResult(keep, torch.zeros_like(scores), True)
     return FilterResult(keep, torch.where(keep, scores / scores[keep].mean(), 0.0), False)
+
+
+def signal_episodes(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """(E,) bool: the episode's prompt group holds two different rewards.
+
+    A group whose rewards are all equal carries no reward signal: every group-relative advantage of it is 0
+    (GRPO's exactly), and what whitened GAE advantages give it is critic error and KL shaping, not reward.
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rewards and group_ids must both be (E,), got {tuple(rewards.shape)} and "
+                         f"{tuple(group_ids.shape)}")
+    _, groups = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    rewards = rewards.double()
+    high = rewards.new_full((n_groups,), -math.inf).scatter_reduce(0, groups, rewards, "amax")
+    low = rewards.new_full((n_groups,), math.inf).scatter_reduce(0, groups, rewards, "amin")
+    return (high > low)[groups]
+
+
+def evidence_stop(streak: int, has_signal: bool, kept_any: bool, patience: int) -> tuple[int, bool]:
+    """The evidence stop rule: (new streak, stop).
+
+    ``streak`` counts consecutive iterations in which episodes carried reward signal and the filter kept none
+    of them. An iteration with signal and a kept episode resets it to 0; one without signal leaves it unchanged
+    (it is no evidence either way). Stop when it reaches ``patience``.
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if has_signal:
+        streak = 0 if kept_any else streak + 1
+    return streak, streak >= patience
+
+
+def flip_rewards(rewards: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Binary rewards with ``round(p * E)`` of them flipped (r -> 1 - r); returns (rewards, flipped (E,) bool).
+
+    The flipped episodes are a uniform draw of a torch generator seeded with ``seed``. Rewards must be 0 or 1
+    (a flip of any other reward is undefined: ValueError).
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    if ((rewards != 0) & (rewards != 1)).any():
+        raise ValueError(f"reward noise flips binary rewards; got non-binary rewards {rewards.unique().tolist()}")
+    n = round(p * rewards.numel())
+    order = torch.randperm(rewards.numel(), generator=torch.Generator().manual_seed(seed))
+    flipped = torch.zeros(rewards.numel(), dtype=torch.bool)
+    flipped[order[:n]] = True
+    flipped = flipped.to(rewards.device)
+    return torch.where(flipped, 1 - rewards, rewards), flipped
+
+
+def low_auc(values: Tensor, positive: Tensor) -> float | None:
+    """How well LOW ``values`` find the ``positive`` episodes: P(v_pos < v_neg) + P(v_pos == v_neg) / 2 over
+    all (positive, negative) pairs (Mann-Whitney, ties by average rank). None when a class is empty."""
+    if values.dim() != 1 or positive.shape != values.shape:
+        raise ValueError(f"values and positive must both be (E,), got {tuple(values.shape)} and "
+                         f"{tuple(positive.shape)}")
+    positive = positive.bool().cpu()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = average_ranks(-values.double().cpu())  # rank 1 = highest value
+    return (float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks 1..n of ``x`` (1 = smallest), ties sharing their average rank (float64)."""
+    x = x.double()
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    new = torch.ones_like(sorted_x, dtype=torch.bool)
+    new[1:] = sorted_x[1:] != sorted_x[:-1]
+    tie_group = torch.cumsum(new.long(), 0) - 1
+    position = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    n_groups = int(tie_group[-1]) + 1 if len(x) else 0
+    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, tie_group, position)
+    mean_rank = total / torch.zeros(n_groups, dtype=torch.float64).index_add_(0, tie_group, torch.ones_like(position))
+    ranks = torch.empty_like(mean_rank[tie_group])
+    ranks[order] = mean_rank[tie_group]
+    return ranks
+
+
+def spearman(x: Tensor, y: Tensor) -> float | None:
+    """Spearman rank correlation of (E,) ``x`` and ``y`` (ties by average rank); None when either is constant."""
+    rx, ry = average_ranks(x.cpu()), average_ranks(y.cpu())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float((rx.square().sum() * ry.square().sum()).sqrt())
+    return float((rx * ry).sum()) / den if den > 0 else None

@@ -9,9 +9,15 @@
                over micro-batches of val_batch; per micro-batch of minibatch episodes, one backward of
                sum_i actor_loss_i inside InfluenceScorer gives every score s_i, in a pass of its own
                (score_episodes) or, without whitening, inside the rollout's old-log-prob forward
-               (score_in_rollout); keep s_i > tol, weight survivors by s_i / mean(kept s); none kept -> stop
+               (score_in_rollout); keep s_i > tol, weight survivors by s_i / mean(kept s); --stop-rule paper:
+               none kept -> stop; evidence (default): episodes of groups with all rewards equal are dropped, stop
+               after --stop-patience iterations in a row whose signal-carrying episodes were all dropped
+  probes       --reward-noise flips; AUCs of low scores / advantages for flipped and unfaithful episodes
   update       epochs x minibatches: clipped surrogate (weighted per episode) + clipped value loss (grpo: k3 KL
                to the reference, no critic), grad-norm clipping; approx-KL and clip fraction logged
+  sketches     [--sketch-dim] before the update: each episode's actor-loss gradient sketch (ippo: from the scoring
+               backward; ppo, grpo: sketch_episodes), keep, weights and a bf16 adapter snapshot, written to
+               RUN/sketches/ (attribution.py, which also reads them for `ippo attribute`)
   train()      setup (task, model, SFT warm start), then per iteration: rl_iteration or sft_iteration, eval,
                one metrics.jsonl line and a checkpoint
 
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ippo.train import ppo_math as pm
+from ippo.train.attribution import prune_sketches, write_iteration
 from ippo.train.checkpoint import (
     CheckpointFiles,
     atomic_write,
@@ -53,6 +60,7 @@ from ippo.train.model import add_lora, load_causal_lm
 from ippo.train.policy import (
     Rollout,
     buffer_logprobs,
+    fork_rng,
     length_batches,
     put_rows,
     response_logprobs,
@@ -146,7 +154,9 @@ class Learner:
     rng: random.Random
     reward_fn: RewardFn
     log: Callable[[str], Any] = print
+    run_dir: Path | None = None  # where --sketch-dim writes each iteration's sketches (None: not written)
     lora_params: list[nn.Parameter] = field(init=False)
+    empty_streak: int = field(default=0, init=False)  # --stop-rule evidence: see ppo_math.evidence_stop
 
     def __post_init__(self):
         self.lora_params = [p for p in self.lm.parameters() if p.requires_grad]
@@ -156,9 +166,10 @@ class Learner:
         """The value head, or None for grpo (no critic: no values computed)."""
         return None if self.cfg.algo == "grpo" else self.value_head
 
-    def evaluate(self) -> dict:
-        """The eval metrics of the policy now (the same eval sampling seed every time)."""
-        return evaluate(self.lm, self.tokenizer, self.task, self.cfg, seed=self.cfg.seed + 10_000)
+    def evaluate(self, size: int | None = None) -> dict:
+        """The eval metrics of the policy now on ``size`` problems (default eval_size; the same eval sampling seed
+        every time)."""
+        return evaluate(self.lm, self.tokenizer, self.task, self.cfg, seed=self.cfg.seed + 10_000, size=size)
 
     def save(self, run_dir: Path, iteration: int, extra: dict) -> None:
         save_checkpoint(run_dir, iteration, self.lm, self.value_head, self.opt, self.rng, extra)
@@ -180,6 +191,8 @@ class Buffer:
     kl: Tensor | None = None          # k1 estimate of KL(policy || reference) per token
     advantages: Tensor | None = None
     returns: Tensor | None = None     # value targets (None for grpo)
+    flipped: Tensor | None = None     # (E,) bool: rewards flipped by --reward-noise (None without it)
+    train_index: Tensor | None = None  # (E,) int64: the index of each episode's prompt in the train split
 
     @property
     def mask(self) -> Tensor:
@@ -198,14 +211,15 @@ def rollout(L: Learner, it: int, timing: Counter | None = None, old_logprobs: bo
     t0 = time.perf_counter()
     cfg = L.cfg
     train_split = L.task.split("train")
-    prompts = L.rng.sample(train_split, min(cfg.prompts_per_iter, len(train_split)))
-    ro = sample(L.lm, L.tokenizer, L.task, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens,
-                cfg.gen_batch)
+    index = L.rng.sample(range(len(train_split)), min(cfg.prompts_per_iter, len(train_split)))  # = sampling the split
+    ro = sample(L.lm, L.tokenizer, L.task, [train_split[i] for i in index], cfg.samples_per_prompt, cfg.temperature,
+                cfg.max_new_tokens, cfg.gen_batch)
     pm.check_mask(ro.mask)  # once per iteration: the math below trusts it (mask_checked=True)
     rewards, raised, first = compute_rewards(L.reward_fn, ro.texts, ro.examples)
     if raised:
         L.log(f"iteration {it}: the reward of {raised} of {len(rewards)} episodes raised (first: {first!r}); "
               f"counted as reward 0")
+    rewards, flipped = noisy_rewards(cfg, it, torch.tensor(rewards, device=ro.ids.device))
     t1 = time.perf_counter()
     timing["rollout"] += t1 - t0
     old_logp = old_values = None
@@ -215,7 +229,20 @@ def rollout(L: Learner, it: int, timing: Counter | None = None, old_logprobs: bo
         with L.lm.disable_adapter():  # the reference policy is the model without the adapter
             ref_logp, _ = buffer_logprobs(L.lm, ro, cfg.minibatch, temperature=cfg.temperature)
     timing["logprobs"] += time.perf_counter() - t1
-    return Buffer(ro, torch.tensor(rewards, device=ro.ids.device), raised, old_logp, ref_logp, old_values)
+    return Buffer(ro, rewards, raised, old_logp, ref_logp, old_values, flipped=flipped,
+                  train_index=torch.tensor(index)[ro.group.cpu()])
+
+
+def noisy_rewards(cfg: Config, it: int, rewards: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``rewards`` with ``--reward-noise``'s flips (ppo_math.flip_rewards), drawn from a seed of ``cfg.seed`` and the
+    iteration alone (a resumed run flips the same episodes), and the flipped mask; unchanged and None at p = 0."""
+    if not cfg.reward_noise:
+        return rewards, None
+    try:
+        seed = random.Random(f"reward-noise:{cfg.seed}:{it}").getrandbits(63)
+        return pm.flip_rewards(rewards, cfg.reward_noise, seed)
+    except ValueError as err:
+        raise ValueError(f"--reward-noise: {err}") from None
 
 
 # =========================================================================== advantages
@@ -238,8 +265,11 @@ def compute_advantages(cfg: Config, buf: Buffer) -> None:
 
 
 def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollout, old_logp: Tensor,
-                   advantages: Tensor, val_examples: list[Example], timing: dict) -> Tensor:
-    """I-PPO influence scores (E,): <d actor_loss_i / d theta, d L_val / d theta> for every episode.
+                   advantages: Tensor, val_examples: list[Example], timing: dict,
+                   sketches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """I-PPO influence scores (E,): <d actor_loss_i / d theta, d L_val / d theta> for every episode; with
+    ``sketches``, ``(scores, sketches)``: also each episode's (E, ``sketch_dim``) gradient sketch, from the same
+    backward (:func:`actor_backwards`).
 
     The validation gradient is accumulated over micro-batches of ``val_batch`` pairs; then one backward of
     sum_i actor_loss_i inside an InfluenceScorer per micro-batch of ``minibatch`` episodes (the micro-batches of
@@ -251,30 +281,55 @@ def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollou
     values first; without whitening the trainer scores inside that forward instead (:func:`score_in_rollout`,
     which says why whitening rules it out).
     """
-    from ippo.kernels import InfluenceScorer
-
     t0 = time.perf_counter()
     val = validation_gradient(lm, tokenizer, task, val_examples, cfg.val_batch)
     t1 = time.perf_counter()
-    scores = None
+    scores, sketched = actor_backwards(lm, cfg, ro, old_logp, advantages, val, sketches)
+    lm.zero_grad(set_to_none=True)
+    timing["val_grad"] += t1 - t0
+    timing["scoring"] += time.perf_counter() - t1
+    return (scores, sketched) if sketches else scores
+
+
+def actor_backwards(lm: nn.Module, cfg: Config, ro: Rollout, old_logp: Tensor, advantages: Tensor,
+                    val: dict | None, sketches: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Per micro-batch of ``minibatch`` episodes (``buffer_logprobs``'s, so the log-probs equal ``old_logp`` and the
+    ratio is 1: the sampling policy), one backward of sum_i actor_loss_i inside an InfluenceScorer; returns the
+    scores (E,) against the validation gradient ``val`` and, with ``sketches``, the (E, ``sketch_dim``) sketches
+    (``sketch_seed``) from the same backward. ``val=None``: sketches only, and the LoRA ``.grad`` are left alone."""
+    from ippo.kernels import InfluenceScorer
+
+    n, sketch = len(ro.texts), dict(sketch_dim=cfg.sketch_dim, sketch_seed=cfg.sketch_seed) if sketches else {}
+    scores = sketched = None
     for rows in length_batches(ro, cfg.minibatch):
         sub = trim_rows(ro, rows)
         width = sub.mask.shape[1]
-        with InfluenceScorer(lm, val, episode_segments(sub), len(rows)) as scorer:
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=val is not None,
+                             **sketch) as scorer:
             logp, _ = response_logprobs(lm, sub, temperature=cfg.temperature)
             per_episode, _ = pm.policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], sub.mask,
                                             cfg.clip, mask_checked=True)
             per_episode.sum().backward()  # the sum of per-episode actor losses: one backward scores them all
-        scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (len(ro.texts), 1))
-    lm.zero_grad(set_to_none=True)
-    timing["val_grad"] += t1 - t0
-    timing["scoring"] += time.perf_counter() - t1
-    return scores[:, 0]
+        if val is not None:
+            scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (n, 1))
+        if sketches:
+            sketched = put_rows(sketched, rows, scorer.sketches, (n, cfg.sketch_dim))
+    return None if scores is None else scores[:, 0], sketched
 
 
-def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timing: dict) -> Tensor:
+def sketch_episodes(lm: nn.Module, cfg: Config, ro: Rollout, old_logp: Tensor, advantages: Tensor) -> Tensor:
+    """(E, ``sketch_dim``) sketches of every episode's actor-loss gradient at the sampling policy, for ppo and grpo
+    with --sketch-dim (ippo takes them in its scoring backward): :func:`actor_backwards` without validation
+    gradient, one more forward+backward per micro-batch, under a forked RNG, so that the run trains as without it."""
+    with fork_rng():
+        return actor_backwards(lm, cfg, ro, old_logp, advantages, None, sketches=True)[1]
+
+
+def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timing: dict,
+                     sketches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """I-PPO scores taken inside the forward that gives the sampling policy's log-probs and values, which it
     fills into ``buf`` (``rollout(old_logprobs=False)``): no forward of its own, unlike :func:`score_episodes`.
+    With ``sketches``, ``(scores, sketches)`` as there, from the same backward.
 
     Per micro-batch (``buffer_logprobs``'s, so ``buf`` gets the same numbers as there): the forward runs with
     grad inside an InfluenceScorer, the log-probs are detached as ``old_logp`` (the ratio is exactly 1, so the
@@ -295,11 +350,12 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
     t0 = time.perf_counter()
     val = validation_gradient(lm, L.tokenizer, L.task, val_examples, cfg.val_batch)
     t1 = time.perf_counter()
-    scores = old_logp = old_values = None
+    scores = old_logp = old_values = sketched = None
+    sketch = dict(sketch_dim=cfg.sketch_dim, sketch_seed=cfg.sketch_seed) if sketches else {}
     for rows in length_batches(ro, cfg.minibatch):
         sub = trim_rows(ro, rows)
         width = sub.mask.shape[1]
-        with InfluenceScorer(lm, val, episode_segments(sub), len(rows)) as scorer:
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), **sketch) as scorer:
             logp, values = response_logprobs(lm, sub, value_head=L.critic, temperature=cfg.temperature)
             part = Buffer(sub, buf.rewards[rows], 0, logp.detach() * sub.mask, buf.ref_logp[rows, :width],
                           values.detach() * sub.mask)
@@ -310,11 +366,13 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
         scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (len(ro.texts), 1))
         old_logp = put_rows(old_logp, rows, part.old_logp, ro.mask.shape)
         old_values = put_rows(old_values, rows, part.old_values, ro.mask.shape)
+        if sketches:
+            sketched = put_rows(sketched, rows, scorer.sketches, (len(ro.texts), cfg.sketch_dim))
     lm.zero_grad(set_to_none=True)
     buf.old_logp, buf.old_values = old_logp, old_values
     timing["val_grad"] += t1 - t0
     timing["scoring"] += time.perf_counter() - t1
-    return scores[:, 0]
+    return (scores[:, 0], sketched) if sketches else scores[:, 0]
 
 
 def episode_segments(ro: Rollout) -> Tensor:
@@ -366,12 +424,13 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
     """
     cfg = L.cfg
     in_rollout = cfg.algo == "ippo" and not cfg.whiten  # scores from the old-log-prob forward (score_in_rollout)
+    store = cfg.sketch_dim > 0 and L.run_dir is not None  # --sketch-dim: this iteration's sketches are written
     buf = rollout(L, it, timing, old_logprobs=not in_rollout)
     if cfg.algo == "ippo":
         val_split = L.task.split("validation")
         val_examples = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
         if in_rollout:
-            scores = score_in_rollout(L, buf, val_examples, timing)
+            scored = score_in_rollout(L, buf, val_examples, timing, sketches=store)
     t0 = time.perf_counter()
     compute_advantages(cfg, buf)
     timing["logprobs"] += time.perf_counter() - t0
@@ -383,25 +442,99 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
 
     if cfg.algo == "ippo":  # ---------------------------------------- ippo: influence filter and reweighting
         if not in_rollout:
-            scores = score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
-                                    val_examples, timing)
-        keep, weights, stop = pm.ippo_filter(scores, cfg.tol)
+            scored = score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
+                                    val_examples, timing, sketches=store)
+        scores, sketches = scored if store else (scored, None)
+        keep, weights, stop = filter_episodes(L, buf, scores, record)
         record.update(score_hist=_histogram(scores), score_mean=float(scores.mean()),
                       score_pos_frac=float((scores > 0).float().mean()), early_stop=stop)
         top, bottom = _episodes_log(buf.ro, buf.rewards, scores, cfg.log_episodes)
         if stop:
-            L.log(f"iteration {it}: no episode has influence score > tol={cfg.tol}: intrinsic early stop")
+            L.log(f"iteration {it}: no episode has influence score > tol={cfg.tol} (--stop-rule {cfg.stop_rule}): "
+                  f"intrinsic early stop")
     else:
+        scores = None
         top, bottom = _episodes_log(buf.ro, buf.rewards, buf.rewards, cfg.log_episodes)
+    record.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{it}"))
     record.update(reward=float(buf.rewards.mean()), kept_fraction=float(keep.float().mean()),
                   kl_ref=float(pm.masked_mean(buf.kl, buf.mask)), response_len=float(buf.mask.sum(1).mean()),
                   top_episodes=top, bottom_episodes=bottom, reward_errors=buf.reward_errors)
 
+    if store:  # before the update: the sketches' policy is the adapter written with them
+        t0 = time.perf_counter()
+        if cfg.algo != "ippo":  # ppo, grpo: one more backward
+            sketches = sketch_episodes(L.lm, cfg, buf.ro, buf.old_logp, buf.advantages)
+        write_iteration(L.run_dir, it, cfg, buf, sketches, scores, keep, weights, L.lm, L.opt.param_groups[0]["lr"])
+        timing["sketch"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    if not stop:
+    if keep.any():  # nothing kept (always so at a stop): no update
         record.update(ppo_update(L, buf, keep, weights))
     timing["update"] += time.perf_counter() - t0
     return record, stop
+
+
+def filter_episodes(L: Learner, buf: Buffer, scores: Tensor, record: dict) -> pm.FilterResult:
+    """The I-PPO filter under ``--stop-rule``: paper: keep s_i > tol, stop when none is kept; evidence: keep s_i > tol
+    among episodes with reward signal (ppo_math.signal_episodes), stop per ppo_math.evidence_stop (streak in
+    ``L.empty_streak``). An iteration that keeps nothing does no update. ``record`` gets signal_fraction and
+    empty_streak (evidence).
+
+    evidence is the default because the paper's rule stops on noise: in an all-equal buffer the reward cancels from
+    the whitened advantages (gamma = lam = 1), which are then whitened KL / critic error; at the main job's warm
+    start the paper's rule stopped on 5 of 11 all-correct buffers, on 1 of 4 mixed ones without signal and on 0 of 5
+    with signal (reports/probes/README.md)."""
+    cfg = L.cfg
+    if cfg.stop_rule == "paper":
+        return pm.ippo_filter(scores, cfg.tol)
+    signal = pm.signal_episodes(buf.rewards, buf.ro.group)
+    keep, weights, empty = pm.ippo_filter(scores, cfg.tol, signal)
+    L.empty_streak, stop = pm.evidence_stop(L.empty_streak, bool(signal.any()), not empty, cfg.stop_patience)
+    record.update(signal_fraction=float(signal.float().mean()), empty_streak=L.empty_streak)
+    return pm.FilterResult(keep, weights, stop)
+
+
+def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, seed: str) -> dict:
+    """How well low scores, low mean advantages and random numbers find harmful episodes (ppo_math.low_auc; a
+    metric is left out where a class is empty).
+
+    --reward-noise: flipped (count), flip_auc_score / _advantage / _random (the random one from ``seed``: 0.5
+    expected), flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a
+    random filter with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final
+    answer is right (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
+    unfaithful_auc_score / _advantage.
+    """
+    advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
+    out: dict = {}
+    if buf.flipped is not None:
+        noise = torch.rand(len(keep), generator=torch.Generator().manual_seed(
+            random.Random(f"probe-random:{seed}").getrandbits(63)))
+        out.update(flipped=int(buf.flipped.sum()), flip_auc_advantage=pm.low_auc(advantage, buf.flipped),
+                   flip_auc_random=pm.low_auc(noise, buf.flipped))
+        if scores is not None and buf.flipped.any():
+            out.update(flip_auc_score=pm.low_auc(scores, buf.flipped),
+                       flip_recall=float((~keep[buf.flipped]).float().mean()),
+                       flip_recall_random=1 - float(keep.float().mean()))
+    correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
+    correct = torch.tensor(correct, dtype=torch.bool, device=advantage.device)
+    unfaithful = torch.tensor(unfaithful, dtype=torch.bool, device=advantage.device)[correct]
+    out.update(unfaithful=int(unfaithful.sum()), unfaithful_auc_advantage=pm.low_auc(advantage[correct], unfaithful))
+    if scores is not None:
+        out["unfaithful_auc_score"] = pm.low_auc(scores[correct], unfaithful)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple[list[bool], list[bool]]:
+    """Per episode: the final answer is right (``task.check_answer``), and it has a wrong step (``check_steps``);
+    a checker that raises counts as a wrong answer (it is counted where the reward is computed)."""
+    correct, wrong_step = [], []
+    for text, example in zip(texts, examples):
+        try:
+            correct.append(bool(task.check_answer(text, example)))
+            wrong_step.append(task.check_steps(text)[1] > 0)
+        except Exception:
+            correct.append(False)
+            wrong_step.append(False)
+    return correct, wrong_step
 
 
 def sft_iteration(L: Learner, it: int, timing: Counter) -> dict:
@@ -472,8 +605,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         meta = learner.restore(run_dir, checkpoint)
         start_iter, wall, wall_total = meta["iteration"], meta["wall"], meta["wall_total"]
         stopped = meta.get("stopped", False)
+        learner.empty_streak = meta.get("empty_streak", 0)
         _truncate_metrics(metrics_path, start_iter, log)
         log(f"resumed {run_dir} at iteration {start_iter}")
+    pruned = prune_sketches(run_dir, start_iter)  # of iterations to come (written again) and of interrupted writes
+    if pruned:
+        log(f"removed {len(pruned)} sketch files of iterations after {start_iter} or of interrupted writes: "
+            f"{', '.join(p.name for p in pruned)}")
     write_json(run_dir / "config.json", asdict(cfg))
     if not resume:  # the starting point (after the SFT warm start) is iteration 0
         metrics_path.write_text("")
@@ -486,7 +624,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             f"unfaithful {last_eval['unfaithful']:.3f}")
         learner.save(run_dir, 0, {"wall": wall, "wall_total": wall_total})
 
-    todo = range(start_iter + 1, cfg.iterations + 1) if not stopped else range(0)
+    budget_spent = 0 < cfg.wall_budget <= wall
+    todo = range(start_iter + 1, cfg.iterations + 1) if not (stopped or budget_spent) else range(0)
     bar = tqdm(todo, desc=f"{cfg.algo}", disable=not progress, initial=start_iter, total=cfg.iterations)
     for it in bar:
         timing = Counter({"rollout": 0.0, "logprobs": 0.0, "val_grad": 0.0, "scoring": 0.0, "update": 0.0,
@@ -497,20 +636,25 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         else:
             record, stopped = rl_iteration(learner, it, timing)
         wall += sum(timing.values())
-        if it % cfg.eval_every == 0 or it == cfg.iterations or stopped:
+        budget_spent = 0 < cfg.wall_budget <= wall
+        if budget_spent:
+            record["stopped_by"] = "wall_budget"
+        final = it == cfg.iterations or stopped or budget_spent
+        if it % cfg.eval_every == 0 or final:
             t0 = time.perf_counter()
-            last_eval = record["eval"] = learner.evaluate()
+            last_eval = record["eval"] = learner.evaluate(cfg.final_eval_size if final else None)
             timing["eval"] = time.perf_counter() - t0
         wall_total += sum(timing.values())
         record.update(time=dict(timing), wall=wall, wall_total=wall_total)
         emit(record)
-        learner.save(run_dir, it, {"wall": wall, "wall_total": wall_total, "stopped": stopped})
+        learner.save(run_dir, it, {"wall": wall, "wall_total": wall_total, "stopped": stopped,
+                                   "empty_streak": learner.empty_streak})
         bar.set_postfix({k: f"{record[k]:.3f}" for k in ("reward", "kept_fraction", "sft_loss") if k in record})
         if "eval" in record:
             log(f"iteration {it}: eval accuracy {last_eval['accuracy']:.3f}, majority {last_eval['majority']:.3f}, "
                 f"pass@{cfg.eval_k} {last_eval['pass_at_k']:.3f}, unfaithful {last_eval['unfaithful']:.3f}, "
                 f"train wall {wall:.0f}s")
-        if stopped:
+        if stopped or budget_spent:
             break
     bar.close()
     if last_eval is None:  # resumed a finished run
@@ -521,8 +665,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> CheckpointFiles | None:
     """Resume: the checkpoint of ``run_dir`` (read here, so that a bad file fails before any work), whose
-    metrics must be readable and options the same (``iterations``, ``threads`` and ``device`` may change).
-    Otherwise: no run is there yet."""
+    metrics must be readable and options the same (``iterations``, ``wall_budget``, ``threads`` and ``device`` may
+    change). Otherwise: no run is there yet."""
     if not resume:
         if (run_dir / "latest.json").is_file():
             raise FileExistsError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or pick "
@@ -533,7 +677,8 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> CheckpointFiles 
     checkpoint = read_checkpoint(run_dir, required=("wall", "wall_total"))
     read_metrics(run_dir / "metrics.jsonl")
     saved = read_json(run_dir / "config.json", required=("algo",))
-    changed = {k for k, v in saved.items() if k not in ("iterations", "threads", "device") and getattr(cfg, k, v) != v}
+    may_change = ("iterations", "wall_budget", "threads", "device")
+    changed = {k for k, v in saved.items() if k not in may_change and getattr(cfg, k, v) != v}
     if changed:
         raise ValueError(f"--resume: options differ from the run's config.json: {sorted(changed)}")
     return checkpoint
@@ -573,7 +718,8 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer, reward
                              {"params": list(value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
     rng = random.Random(f"prompts:{cfg.seed}")
     torch.manual_seed(cfg.seed)
-    learner = Learner(cfg, task, tokenizer, lm, value_head, opt, rng, reward_fn or correctness_reward(task), log)
+    learner = Learner(cfg, task, tokenizer, lm, value_head, opt, rng, reward_fn or correctness_reward(task), log,
+                      run_dir)
     return learner, base_eval, sft_info
 
 

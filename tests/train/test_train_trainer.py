@@ -113,14 +113,14 @@ def test_score_episodes_matches_per_episode_gradients(tmp_path):
 def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
     run_dir = tmp_path / "run"
-    run(cfg_for(tmp_path, algo="ippo", iterations=3), run_dir)
+    run(cfg_for(tmp_path, algo="ippo", iterations=3, stop_rule="paper"), run_dir)
     recs = records(run_dir)
     assert [r["iteration"] for r in recs] == [0, 1]  # stopped at iteration 1 of 3
     assert recs[-1]["early_stop"] is True and recs[-1]["kept_fraction"] == 0 and "eval" in recs[-1]
     assert "pg_loss" not in recs[-1]  # no update
     assert json.loads((run_dir / "ckpt-00001.json").read_text())["stopped"] is True
     # resuming a stopped run does nothing more
-    run(cfg_for(tmp_path, algo="ippo", iterations=3), run_dir, resume=True)
+    run(cfg_for(tmp_path, algo="ippo", iterations=3, stop_rule="paper"), run_dir, resume=True)
     assert [r["iteration"] for r in records(run_dir)] == [0, 1]
 
 
@@ -140,7 +140,7 @@ def test_ippo_filter_and_weights_reach_the_update(tmp_path, monkeypatch):
     monkeypatch.setattr(T.pm, "ippo_filter",
                         lambda s, tol: weights_seen.append(real_filter(s, tol)) or weights_seen[-1])
     run_dir = tmp_path / "run"
-    run(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8), run_dir)
+    run(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8, stop_rule="paper"), run_dir)
     rec = records(run_dir)[-1]
     assert rec["kept_fraction"] == pytest.approx(0.5) and rec["early_stop"] is False
     keep, weights, _ = weights_seen[0]
@@ -326,7 +326,8 @@ def test_raising_checker_is_counted_not_fatal(tmp_path, monkeypatch):
     run(cfg_for(tmp_path, algo="ppo"), run_dir, reward_fn=None)  # the default reward: task.check_answer
     rec = records(run_dir)[-1]
     assert rec["reward_errors"] == 6 and rec["reward"] == 0
-    assert rec["eval"]["checker_errors"] == 6 and rec["eval"]["accuracy"] == 0
+    assert rec["eval"]["checker_errors"] == 9 and rec["eval"]["accuracy"] == 0  # 3 problems x (2 samples + greedy)
+    assert rec["eval"]["greedy_accuracy"] == 0
 
 
 @pytest.mark.parametrize("bad, message", [(lambda c, e: [1.0] * (len(c) - 1), "returned 5 rewards for 6"),
@@ -434,7 +435,7 @@ def test_cli_compare_eval_and_report(tmp_path, capsys):
 def test_ippo_keeping_everything_with_weight_1_is_ppo_bit_for_bit(tmp_path, monkeypatch, whiten):
     """The scoring pass changes nothing the update sees: with a filter that keeps every episode with weight 1,
     an I-PPO iteration ends with exactly PPO's LoRA weights, value head and update statistics."""
-    def keep_all(scores, tol):
+    def keep_all(scores, tol, signal=None):
         return T.pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
 
     monkeypatch.setattr(T.pm, "ippo_filter", keep_all)

@@ -1,0 +1,306 @@
+"""``ippo compare --seeds``: every (algorithm, seed) run, resumable, then per algorithm the mean and a 95% Student-t
+interval over seeds of the final eval metrics, and paired differences against the first algorithm (the runs of one
+seed share its SFT warm start and eval draw, so pairing removes the seed-to-seed spread).
+
+Runs go to ``<out>/<algo>-seed<s>``, seed by seed; ``<out>/report.md`` and ``<out>/accuracy_vs_wall.png`` hold the
+result. A run that is missing or unusable (absent, corrupt files, failed) is named in the report and left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from ippo.train import report
+from ippo.train.checkpoint import latest_checkpoint, read_json
+from ippo.train.config import Config, flag
+
+CONFIDENCE = 0.95
+METRICS = (  # (key of a run's result, row label): final eval unless said otherwise
+    ("start_accuracy", "accuracy at iteration 0 (sampled, --eval-size problems)"),
+    ("accuracy", "accuracy (sampled, mean over k)"),
+    ("greedy_accuracy", "greedy accuracy"),
+    ("majority", "majority vote"),
+    ("pass_at_k", "pass@k"),
+    ("unfaithful", "unfaithful rate"),
+    ("mean_kept", "mean kept fraction"),
+    ("wall", "training wall-clock (s)"),
+)
+
+
+# =========================================================================== intervals
+
+
+class Interval(NamedTuple):
+    """Mean of ``n`` values and the half-width of its two-sided t interval (None when n = 1)."""
+
+    mean: float
+    half_width: float | None
+    n: int
+
+    def format(self, digits: int = 3) -> str:
+        if self.half_width is None:
+            return f"{self.mean:.{digits}f} (n=1, no interval)"
+        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f} (n={self.n})"
+
+
+def t_coverage(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` degrees of freedom (closed form for integer df, Abramowitz and
+    Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi) [theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)]
+        term, series = 1.0, 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):
+            term *= 2 * j / (2 * j + 1) * c2
+            series += term
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    term = series = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for j in range(1, df // 2):
+        term *= (2 * j - 1) / (2 * j) * c2
+        series += term
+    return math.sin(theta) * series
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The t with P(|T| <= t) = ``confidence`` (two-sided), by bisection on :func:`t_coverage`."""
+    if not 0 < confidence < 1 or df < 1:
+        raise ValueError(f"need 0 < confidence < 1 and df >= 1, got {confidence}, {df}")
+    lo, hi = 0.0, 1.0
+    while t_coverage(hi, df) < confidence:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_coverage(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean and two-sided Student-t interval (n - 1 degrees of freedom) of ``values``."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Interval(mean, None, 1)
+    return Interval(mean, t_quantile(confidence, n - 1) * statistics.stdev(values) / math.sqrt(n), n)
+
+
+# =========================================================================== runs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds`` "0,1,2" as distinct non-negative ints; ValueError naming --seeds otherwise."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers 'a,b,c' (e.g. '0,1,2'), got {text!r}")
+    return seeds
+
+
+def run_name(algo: str, seed: int) -> str:
+    return f"{algo}-seed{seed}"
+
+
+def _finished(run: Path, cfg: Config) -> bool:
+    """The newest checkpoint of ``run`` ends it: last iteration, a stop, or the wall budget spent."""
+    name, iteration = latest_checkpoint(run)
+    meta = read_json(run / f"{name}.json", required=("wall",))
+    return bool(meta.get("stopped")) or iteration >= cfg.iterations or 0 < cfg.wall_budget <= meta["wall"]
+
+
+def run_all(cfg: Config, algos: list[str], seeds: list[int], out: Path, resume: bool = False, progress: bool = True,
+            log=print) -> dict[str, str]:
+    """Train every (algo, seed) of ``cfg`` into ``out/<algo>-seed<s>``, seed by seed; returns {run: error} of the
+    runs that failed with a ValueError or FileNotFoundError (a corrupt or missing file), after trying the others.
+
+    With ``resume``, finished runs are skipped and a killed one continues from its checkpoint; without it, an
+    existing run is a FileExistsError before any work.
+    """
+    from ippo.train.trainer import train
+
+    jobs = [(algo, seed) for seed in seeds for algo in algos]
+    cfgs = {job: dataclasses.replace(cfg, algo=job[0], seed=job[1]) for job in jobs}
+    for c in cfgs.values():
+        c.validate()
+    if not resume:
+        taken = [run_name(*job) for job in jobs if (out / run_name(*job) / "latest.json").is_file()]
+        if taken:
+            raise FileExistsError(f"{str(out)!r} already holds runs {taken}; pass --resume to continue them")
+    failed = {}
+    for index, job in enumerate(jobs, 1):
+        name, run, c = run_name(*job), out / run_name(*job), cfgs[job]
+        step = f"[{index}/{len(jobs)}] {name}"
+        try:
+            started = resume and (run / "latest.json").is_file()
+            if started and _finished(run, c):
+                log(f"{step}: finished, skipped ({len(jobs) - index} left)")
+                continue
+            log(f"{step}: {'resuming' if started else 'running'} ({len(jobs) - index} left after it)")
+            t0 = time.perf_counter()
+            train(c, run, resume=started, progress=progress, log=log)
+            log(f"{step}: done in {time.perf_counter() - t0:.0f}s")
+        except (FileNotFoundError, ValueError) as err:
+            failed[name] = str(err)
+            log(f"{step}: failed, going on with the others: {err}")
+    return failed
+
+
+def run_result(run: Path) -> dict:
+    """The numbers of one finished run: its final eval, iteration-0 accuracy, mean kept fraction, training wall."""
+    s = report.summarize(run)
+    final = s["final"]
+    return {"start_accuracy": s["start"]["accuracy"], "accuracy": final["accuracy"],
+            "greedy_accuracy": final.get("greedy_accuracy"), "majority": final["majority"],
+            "pass_at_k": final["pass_at_k"], "unfaithful": final["unfaithful"], "mean_kept": s["mean_kept"],
+            "wall": s["wall"], "iterations": s["iterations"], "n_questions": final["n_questions"],
+            "stopped_by": report.read_metrics(run)[-1].get("stopped_by", "early stop" if s["early_stop"] else "-")}
+
+
+def collect(out: Path, algos: list[str], seeds: list[int], failed: dict[str, str] | None = None,
+            ) -> tuple[dict[tuple[str, int], dict], dict[str, str]]:
+    """{(algo, seed): run_result} of the usable runs, and {run: why not} of the others."""
+    results, problems = {}, dict(failed or {})
+    for seed in seeds:
+        for algo in algos:
+            name = run_name(algo, seed)
+            if name in problems:
+                continue
+            try:
+                results[algo, seed] = run_result(out / name)
+            except (FileNotFoundError, ValueError) as err:
+                problems[name] = str(err)
+    return results, problems
+
+
+# =========================================================================== report
+
+
+def stats_tables(results: dict[tuple[str, int], dict], algos: list[str], seeds: list[int]) -> str:
+    """Markdown: per algorithm mean and interval of every metric; paired differences vs ``algos[0]``."""
+
+    def cell(values, digits):
+        return mean_interval(values).format(digits) if values else "-"
+
+    def digits(key):
+        return 0 if key == "wall" else 3
+
+    lines = [f"Per algorithm: mean over seeds and {CONFIDENCE:.0%} interval (Student t, n - 1 dof) of the final eval.",
+             "", "| metric | " + " | ".join(algos) + " |", "|---" * (len(algos) + 1) + "|"]
+    for key, label in METRICS:
+        row = [cell([results[a, s][key] for s in seeds if results.get((a, s), {}).get(key) is not None], digits(key))
+               for a in algos]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    first, others = algos[0], algos[1:]
+    if others:
+        lines += ["", f"Paired differences vs {first} (same seed: same SFT warm start and eval problems), mean and "
+                  f"{CONFIDENCE:.0%} interval:", "",
+                  "| metric | " + " | ".join(f"{a} - {first}" for a in others) + " |", "|---" * len(algos) + "|"]
+        for key, label in METRICS:
+            row = []
+            for a in others:
+                pairs = [(results[a, s][key], results[first, s][key]) for s in seeds
+                         if (a, s) in results and (first, s) in results
+                         and None not in (results[a, s][key], results[first, s][key])]
+                row.append(cell([x - y for x, y in pairs], digits(key)))
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(results: dict[tuple[str, int], dict]) -> str:
+    lines = ["| run | iterations | stopped by | eval problems | acc | greedy | majority | pass@k | unfaithful | "
+             "mean kept | train wall (s) |", "|---" * 11 + "|"]
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for (algo, seed), r in results.items():
+        lines.append(f"| {run_name(algo, seed)} | {r['iterations']} | {r['stopped_by']} | {r['n_questions']} | "
+                     f"{f(r['accuracy'])} | {f(r['greedy_accuracy'])} | {f(r['majority'])} | {f(r['pass_at_k'])} | "
+                     f"{f(r['unfaithful'])} | {f(r['mean_kept'])} | {r['wall']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_wall(out: Path, runs: dict[tuple[str, int], Path], algos: list[str]) -> str:
+    """accuracy_vs_wall.png: sampled and greedy eval accuracy vs training wall-clock, per algorithm the mean over
+    seeds (each seed's evals linearly interpolated, up to the shortest seed's last eval) with a 95% t band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("accuracy", "greedy_accuracy")):
+        for index, algo in enumerate(algos):
+            curves = []
+            for (a, _), run in runs.items():
+                pts = [(r["wall"], r["eval"][key]) for r in report.read_metrics(run) if key in r.get("eval", {})]
+                if a == algo and pts:
+                    curves.append(np.array(pts))
+                    ax.plot(*curves[-1].T, "o", color=f"C{index}", ms=2, alpha=0.4)
+            if not curves:
+                continue
+            grid = np.linspace(0, min(c[-1, 0] for c in curves), 50)
+            ys = [np.interp(grid, c[:, 0], c[:, 1]) for c in curves]
+            stats = [mean_interval(list(col)) for col in np.array(ys).T]
+            mean = np.array([s.mean for s in stats])
+            ax.plot(grid, mean, color=f"C{index}", label=f"{algo} (n={len(curves)})")
+            if len(curves) > 1:
+                half = np.array([s.half_width for s in stats])
+                ax.fill_between(grid, mean - half, mean + half, color=f"C{index}", alpha=0.2)
+        ax.set_xlabel("training wall-clock (s, eval excluded)")
+        ax.set_ylabel(f"eval {key.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"eval accuracy vs training wall-clock: mean over seeds, {CONFIDENCE:.0%} t band")
+    fig.tight_layout()
+    name = "accuracy_vs_wall.png"
+    fig.savefig(out / name, dpi=80)
+    plt.close(fig)
+    return name
+
+
+def command_line(cfg: Config, algos: list[str], seeds: list[int], out: Path) -> str:
+    """The ``ippo compare`` command that reproduces these runs: the options that differ from the defaults."""
+    defaults, parts = Config(), [f"--algos {','.join(algos)}", f"--seeds {','.join(map(str, seeds))}"]
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in ("algo", "seed") or value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:
+            parts.append(f"{flag(f.name)} {value}")
+    return " ".join(["ippo compare", *parts, f"--out {out}"])
+
+
+def write_seed_report(cfg: Config, algos: list[str], seeds: list[int], out: Path,
+                      failed: dict[str, str] | None = None) -> tuple[Path, str, dict[str, str]]:
+    """Write ``out/report.md`` + ``accuracy_vs_wall.png``; returns the markdown path, the statistics tables and the
+    {run: why} of the runs left out."""
+    results, problems = collect(out, algos, seeds, failed)
+    tables = stats_tables(results, algos, seeds) if results else "No usable run.\n"
+    lines = [f"# compare {', '.join(algos)} over seeds {', '.join(map(str, seeds))}", "",
+             f"    {command_line(cfg, algos, seeds, out)}", "", tables]
+    if problems:
+        lines += ["Missing or unusable runs (left out of every number above):", ""]
+        lines += [f"- **{name}**: {why}" for name, why in problems.items()] + [""]
+    if results:
+        lines += ["Per run (final eval):", "", runs_table(results)]
+        plot = plot_accuracy_vs_wall(out, {job: out / run_name(*job) for job in results}, algos)
+        lines += [f"![{plot}]({plot})", ""]
+    lines += ["Accuracy = mean correctness over the k samples per eval problem; greedy = one greedy completion per "
+              "problem; majority = the majority-vote answer is right; pass@k = any sample right; unfaithful = share of "
+              "correct samples with a wrong intermediate step; mean kept = mean over iterations of the kept fraction "
+              "(1 for ppo/grpo); wall-clock = training only, eval excluded. Each run's folder has its own report "
+              "(`ippo report RUN --out DIR`).", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return md, tables, problems

@@ -1,0 +1,184 @@
+"""``ippo probe``: what the I-PPO scores find, at the SFT warm start (cached), over many rollout draws, no training.
+
+Each draw is one iteration's buffer (``prompts_per_iter`` x ``samples_per_prompt`` episodes, ``--reward-noise``
+flips, the run's advantages) scored with the trainer's own scoring pass (``score_episodes``) against a validation
+draw of ``val_size`` pairs. Per draw (``probe.json``):
+
+- the stop: distinct_per_group (distinct completions per prompt group, mean), all_equal (every reward of the buffer
+  equal), paper_stop (no score > tol: the paper's rule stops),
+  signal_fraction and evidence_empty (no score > tol among episodes with reward signal);
+- ``trainer.probe_metrics`` under ``--stop-rule``: flip_auc_score / _advantage / _random, flip_recall(_random),
+  unfaithful_auc_score / _advantage (ppo_math.low_auc: 0.5 = chance, 1 = low scores find every one);
+- stability: spearman_disjoint (the scores against a second validation draw of the same size, disjoint from the
+  first), spearman_big (against a draw of ``--big-val-size`` pairs) and their flip AUCs; the score of the
+  summed-token loss (s_i * n_i, not normalized by the episode's length n_i: the trainer's per-episode loss is the
+  token mean) with its flip AUC and spearman_length (against the trainer's score); with ``--sketch-dim K``, the
+  cosine score s_i / |sketch_i| (|sketch_i| estimates the norm of the episode's gradient) with flip_auc_cosine and
+  spearman_cosine; sign_agreement (score and mean advantage of the same sign). Any positive per-episode factor
+  (length, norm) keeps each score's sign: at ``--tol 0`` it changes the weights and the ranking, not which episodes
+  are kept or the stop. spearman_advantage: the scores against the episodes' mean advantage. top_direction_share
+  (with ``--sketch-dim``): sigma_1^2 / sum sigma_k^2 of the (E, K) sketch matrix, the share of the episode
+  gradients' energy along one direction. ``per_episode``: each episode's score(s), mean advantage, reward, length
+  and flip.
+
+``probe.png`` shows the distribution of each AUC and Spearman over the draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ippo.train import ppo_math as pm
+from ippo.train import trainer as T
+from ippo.train.checkpoint import atomic_write
+from ippo.train.config import Config
+
+AUCS = ("flip_auc_score", "flip_auc_advantage", "flip_auc_random", "flip_auc_disjoint", "flip_auc_big",
+        "flip_auc_length", "flip_auc_cosine", "unfaithful_auc_score", "unfaithful_auc_advantage")
+CORRELATIONS = ("spearman_disjoint", "spearman_big", "spearman_length", "spearman_cosine", "spearman_advantage",
+                "sign_agreement", "top_direction_share")
+
+
+def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stability: bool = True, log=print,
+          model_and_tokenizer=None, reward_fn: T.RewardFn | None = None, progress: bool = False) -> dict:
+    """Run ``draws`` draws of ``cfg`` at its SFT warm start; write ``probe.json`` and ``probe.png`` into
+    ``out_dir`` and return the JSON's content (config, draws, summary)."""
+    cfg.validate()
+    if draws < 1:
+        raise ValueError(f"--draws must be >= 1, got {draws}")
+    if stability and big_val_size < 1:
+        raise ValueError(f"--big-val-size must be >= 1, got {big_val_size}")
+    if cfg.algo != "ippo":
+        raise ValueError(f"ippo probe scores episodes: --algo must be ippo, got {cfg.algo!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    L, _, _ = T._setup(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
+    val_split = L.task.split("validation")
+    if stability and 2 * cfg.val_size > len(val_split):
+        raise ValueError(f"--val-size {cfg.val_size}: two disjoint draws need {2 * cfg.val_size} validation "
+                         f"problems, the task has {len(val_split)}")
+    results = []
+    for d in range(1, draws + 1):
+        t0, timing = time.perf_counter(), Counter()
+        buf = T.rollout(L, d, timing)
+        val = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
+        T.compute_advantages(cfg, buf)
+        if cfg.sketch_dim:
+            scores, sketches = _score(L, buf, val, timing, sketches=True)
+        else:
+            scores = _score(L, buf, val, timing)
+        L.empty_streak, record = 0, {}
+        keep, _, _ = T.filter_episodes(L, buf, scores, record)
+        signal = pm.signal_episodes(buf.rewards, buf.ro.group)
+        advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
+        row = {"draw": d, "episodes": len(scores), "reward": float(buf.rewards.mean()),
+               "all_equal": bool((buf.rewards == buf.rewards[0]).all()),
+               "paper_stop": bool(pm.ippo_filter(scores, cfg.tol).stop),
+               "signal_fraction": float(signal.float().mean()),
+               "evidence_empty": not bool(((scores > cfg.tol) & signal).any()),
+               "kept_fraction": float(keep.float().mean()),
+               "distinct_per_group": len(set(zip(buf.ro.group.tolist(), buf.ro.texts))) / len(buf.ro.group.unique()),
+               "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
+        row.update(T.probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
+                   spearman_advantage=pm.spearman(scores, advantage))
+        per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
+                       "length": buf.mask.sum(1)} | ({} if buf.flipped is None else {"flipped": buf.flipped.float()})
+        if stability:
+            taken = set(val)
+            rest = [ex for ex in val_split if ex not in taken]
+            other = _score(L, buf, L.rng.sample(rest, cfg.val_size), timing)
+            big = _score(L, buf, L.rng.sample(val_split, min(big_val_size, len(val_split))), timing)
+            length = scores * buf.mask.sum(1)
+            per_episode.update(score_disjoint=other, score_big=big)
+            row.update(spearman_disjoint=pm.spearman(scores, other), spearman_big=pm.spearman(scores, big),
+                       spearman_length=pm.spearman(scores, length))
+            if buf.flipped is not None:
+                row.update(flip_auc_disjoint=pm.low_auc(other, buf.flipped), flip_auc_big=pm.low_auc(big, buf.flipped),
+                           flip_auc_length=pm.low_auc(length, buf.flipped))
+        if cfg.sketch_dim:  # cosine: the score over the episode gradient's norm, estimated by its sketch's norm
+            cosine = scores / sketches.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            singular = torch.linalg.svdvals(sketches.double())
+            row.update(spearman_cosine=pm.spearman(scores, cosine),
+                       top_direction_share=float(singular[0] ** 2 / singular.square().sum()))
+            if buf.flipped is not None:
+                row["flip_auc_cosine"] = pm.low_auc(cosine, buf.flipped)
+        row = {k: v for k, v in row.items() if v is not None}
+        row["per_episode"] = {k: [round(float(x), 8) for x in v] for k, v in per_episode.items()}
+        row["seconds"] = time.perf_counter() - t0
+        results.append(row)
+        report = write(cfg, out_dir, results, big_val_size if stability else None)
+        log(f"draw {d}/{draws} ({row['seconds']:.0f}s): " + ", ".join(
+            f"{k} {row[k]:.2f}" for k in ("reward", "flip_auc_score", "flip_auc_advantage", "unfaithful_auc_score",
+                                          "spearman_disjoint", "spearman_big") if k in row)
+            + f", all_equal {row['all_equal']}, paper_stop {row['paper_stop']}")
+    return report
+
+
+def write(cfg: Config, out_dir: Path, results: list[dict], big_val_size: int | None) -> dict:
+    """``probe.json`` and ``probe.png`` of the draws so far (after every draw: a killed probe keeps them)."""
+    report = {"config": asdict(cfg), "big_val_size": big_val_size, "summary": summarize(results), "draws": results}
+    atomic_write(out_dir / "probe.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8"))
+    plot(results, out_dir / "probe.png", title=f"ippo probe: {len(results)} draws of {results[0]['episodes']} "
+         f"episodes, reward noise {cfg.reward_noise}, val size {cfg.val_size}")
+    return report
+
+
+def _score(L: T.Learner, buf: T.Buffer, val, timing: Counter, sketches: bool = False):
+    return T.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp, buf.advantages, val, timing,
+                            sketches=sketches)
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per metric over the draws that have it: n, mean, median, min, max; the stop counts: draws with all rewards
+    equal / not, and how many of each the paper's rule stopped, and how many evidence_empty."""
+    summary = {}
+    for key in AUCS + CORRELATIONS + ("flip_recall", "flip_recall_random", "kept_fraction", "signal_fraction"):
+        values = [r[key] for r in results if key in r and math.isfinite(r[key])]
+        if values:
+            summary[key] = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
+                            "min": min(values), "max": max(values)}
+    for equal in (True, False):
+        rows = [r for r in results if r["all_equal"] == equal]
+        summary["all_equal" if equal else "mixed"] = {"draws": len(rows),
+                                                      "paper_stop": sum(r["paper_stop"] for r in rows),
+                                                      "evidence_empty": sum(r["evidence_empty"] for r in rows)}
+    return summary
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Each AUC and correlation over the draws: a box and the draws as points (chance 0.5 for the AUCs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [len(AUCS), len(CORRELATIONS)]})
+    for ax, keys, chance in ((axes[0], AUCS, 0.5), (axes[1], CORRELATIONS, None)):
+        present = [k for k in keys if any(k in r for r in results)]
+        data = [[r[k] for r in results if k in r] for k in present]
+        if present:
+            ax.boxplot(data, showfliers=False)
+            for i, values in enumerate(data, 1):
+                ax.plot([i + 0.08 * ((j % 5) - 2) for j in range(len(values))], values, "o", ms=3, alpha=0.6,
+                        color="C0")
+            ax.set_xticks(range(1, len(present) + 1), [k.replace("_", "\n", 1) for k in present], fontsize=7)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls="--", lw=1)
+        ax.set_ylim(-1.05 if chance is None else -0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("AUC: low value finds flipped / unfaithful episodes", fontsize=9)
+    axes[1].set_title("score stability (Spearman) and sign agreement", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""``ippo compare --seeds`` (intervals, resume after a kill, missing and corrupt runs), the wall-clock budget,
+the final eval size and the greedy eval, on the tiny model."""
+
+import json
+import math
+import statistics
+
+import pytest
+from test_train_trainer import cfg_for, records, run, tiny
+
+from ippo.train import cli, compare
+from ippo.train import evaluation as E
+from ippo.train import trainer as T
+from ippo.train.model import add_lora
+
+# two-sided 95% Student-t quantiles (tables; scipy is not a dependency): df -> t
+T95 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423}
+
+
+def test_t_quantile_matches_the_tables():
+    for df, t in T95.items():
+        assert compare.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    assert compare.t_quantile(0.99, 2) == pytest.approx(9.9248, abs=1e-4)
+    assert compare.t_quantile(0.90, 7) == pytest.approx(1.8946, abs=1e-4)
+    assert compare.t_quantile(0.95, 1000) == pytest.approx(1.9623, abs=1e-4)  # -> the normal's 1.96
+    for bad in [(0.0, 3), (1.0, 3), (0.95, 0)]:
+        with pytest.raises(ValueError):
+            compare.t_quantile(*bad)
+
+
+def test_mean_interval():
+    got = compare.mean_interval([0.5, 0.6, 0.7])
+    assert got.mean == pytest.approx(0.6) and got.n == 3
+    assert got.half_width == pytest.approx(T95[2] * 0.1 / math.sqrt(3), rel=1e-4)  # the table's 4 decimals
+    assert got.format() == "0.600 ± 0.248 (n=3)"
+    one = compare.mean_interval([0.25])
+    assert one.half_width is None and one.format() == "0.250 (n=1, no interval)"
+    assert compare.mean_interval([2.0, 2.0]).half_width == 0
+    values = [0.1, 0.4, 0.35, 0.8, 0.2]
+    assert compare.mean_interval(values).half_width == pytest.approx(
+        T95[4] * statistics.stdev(values) / math.sqrt(5), rel=1e-4)
+    with pytest.raises(ValueError):
+        compare.mean_interval([])
+
+
+@pytest.mark.parametrize("text", ["", "0,0", "a", "-1,2", "1,,2"])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        compare.parse_seeds(text)
+
+
+def test_new_options_are_validated():
+    for kw, name in [({"wall_budget": -1.0}, "--wall-budget"), ({"wall_budget": math.inf}, "--wall-budget"),
+                     ({"final_eval_size": -1}, "--final-eval-size"), ({"eval_greedy": 1}, "--eval-greedy")]:
+        with pytest.raises(ValueError, match=name):
+            T.Config(**kw).validate()
+
+
+def test_greedy_eval_is_one_batched_greedy_pass(tmp_path, monkeypatch):
+    calls = []
+    real = E.sample
+    monkeypatch.setattr(E, "sample", lambda *a: calls.append(a[4:6]) or real(*a))
+    base, tok = tiny()
+    lm = add_lora(base, r=4, alpha=8)
+    for kw, expected in [({}, [(2, 0.6), (1, 0.0)]), ({"eval_greedy": False}, [(2, 0.6)]),
+                         ({"eval_temperature": 0.0}, [(2, 0.0)])]:
+        cfg = cfg_for(tmp_path, eval_size=3, eval_k=2, **kw)
+        calls.clear()
+        ev = E.evaluate(lm, tok, T.build_task(cfg), cfg, seed=0, size=5)
+        assert calls == expected and ev["n_questions"] == 5
+        assert ("greedy_accuracy" in ev) == cfg.eval_greedy
+        if cfg.eval_temperature == 0:
+            assert ev["greedy_accuracy"] == ev["accuracy"]
+
+
+def test_final_eval_size_and_wall_budget(tmp_path):
+    run_dir = tmp_path / "run"
+    run(cfg_for(tmp_path, algo="ppo", iterations=2, eval_size=2, final_eval_size=4), run_dir)
+    recs = records(run_dir)
+    assert [r["eval"]["n_questions"] for r in recs] == [2, 2, 4]  # iteration 0, between, final
+    assert all("greedy_accuracy" in r["eval"] for r in recs) and "stopped_by" not in recs[-1]
+    # raising --iterations with a budget already spent: the resumed run stops at once
+    run(cfg_for(tmp_path, algo="ppo", iterations=5, eval_size=2, final_eval_size=4, wall_budget=1e-6), run_dir,
+        resume=True)
+    assert len(records(run_dir)) == 3
+
+    budget = tmp_path / "budget"
+    kw = dict(algo="grpo", iterations=5, eval_every=4, eval_size=2, final_eval_size=4, wall_budget=1e-6)
+    run(cfg_for(tmp_path, **kw), budget)
+    recs = records(budget)
+    assert [r["iteration"] for r in recs] == [0, 1]
+    assert recs[-1]["stopped_by"] == "wall_budget" and recs[-1]["eval"]["n_questions"] == 4
+    assert recs[-1]["wall"] >= 1e-6
+    run(cfg_for(tmp_path, **kw), budget, resume=True)
+    assert len(records(budget)) == 2
+    # a bigger budget continues the run
+    run(cfg_for(tmp_path, **(kw | {"wall_budget": 1e9, "iterations": 2})), budget, resume=True)
+    assert [r["iteration"] for r in records(budget)] == [0, 1, 2]
+
+
+def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monkeypatch):
+    model_dir = tmp_path / "tiny-model"
+    model, tok = tiny()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "cmp"
+    args = ["compare", "--algos", "ppo,ippo", "--seeds", "0,1", "--out", str(out), "--model", str(model_dir),
+            "--arith-steps", "1", "--arith-sizes", "40,8,8", "--lora-r", "4", "--lora-alpha", "8", "--sft-steps", "1",
+            "--sft-batch", "2", "--iterations", "2", "--prompts-per-iter", "1", "--samples-per-prompt", "3",
+            "--max-new-tokens", "6", "--val-size", "2", "--eval-size", "2", "--final-eval-size", "3", "--eval-k", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress"]
+
+    rollouts = []
+    real_sample = T.sample
+
+    def killed_in_the_third_run(lm, tok, task, examples, k, *rest):
+        if k == 3:  # a rollout (evals use k=2 and k=1)
+            rollouts.append(1)
+            if len(rollouts) == 6:  # ppo-seed1, iteration 2
+                raise KeyboardInterrupt
+        return real_sample(lm, tok, task, examples, k, *rest)
+
+    monkeypatch.setattr(T, "sample", killed_in_the_third_run)
+    assert cli.main(args) == 130
+    assert json.loads((out / "ppo-seed1" / "latest.json").read_text())["iteration"] == 1
+    assert not (out / "ippo-seed1").exists()
+    capsys.readouterr()
+    assert cli.main(args) == 2  # runs exist: refused without --resume, before any work
+    assert "--resume" in capsys.readouterr().err
+
+    monkeypatch.setattr(T, "sample", real_sample)
+    assert cli.main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "[1/4] ppo-seed0: finished, skipped (3 left)" in text and "[2/4] ippo-seed0: finished, skipped" in text
+    assert "[3/4] ppo-seed1: resuming (1 left after it)" in text and "[4/4] ippo-seed1: running" in text
+    assert [r["iteration"] for r in records(out / "ppo-seed1")] == [0, 1, 2]
+    md = (out / "report.md").read_text()
+    assert "| accuracy (sampled, mean over k) |" in md and "(n=2)" in md and "| ippo - ppo |" in md
+    assert "ippo compare --algos ppo,ippo --seeds 0,1" in md and "--final-eval-size 3" in md
+    assert (out / "accuracy_vs_wall.png").stat().st_size > 0
+    acc = [records(out / f"ppo-seed{s}")[-1]["eval"]["accuracy"] for s in (0, 1)]
+    assert compare.mean_interval(acc).format() in md
+
+    # a missing metrics file and a corrupt checkpoint pointer: named, left out, the rest reported
+    (out / "ippo-seed1" / "metrics.jsonl").unlink()
+    (out / "ppo-seed0" / "latest.json").write_text("{not json")
+    assert cli.main([*args, "--resume"]) == 1
+    text = capsys.readouterr().out
+    assert "left out ppo-seed0:" in text and "latest.json" in text and "left out ippo-seed1:" in text
+    md = (out / "report.md").read_text()
+    assert "**ppo-seed0**" in md and "**ippo-seed1**" in md and "n=1, no interval" in md
+    assert "| ppo-seed1 |" in md and "| ippo-seed0 |" in md and "| ppo-seed0 |" not in md
+
+
+def test_compare_seeds_cli_refuses_bad_seeds(tmp_path, capsys):
+    assert cli.main(["compare", "--seeds", "1,1", "--out", str(tmp_path / "c")]) == 2
+    assert "--seeds must be" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,245 @@
+"""The evidence stop rule, reward noise, the probe metrics (AUCs) and ``ippo probe``, on the tiny model."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from test_train_trainer import cfg_for, lora_state, records, run, tiny
+
+from ippo.train import cli, report
+from ippo.train import ppo_math as pm
+from ippo.train import trainer as T
+
+
+def alternating(completions, examples):
+    """Rewards 1, 0, 1, 0, ... in buffer order: every prompt group of >= 2 episodes carries reward signal."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
+def constant(completions, examples):
+    """Reward 1 for every episode: no group carries reward signal."""
+    return [1.0] * len(completions)
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def test_signal_episodes_marks_groups_with_two_rewards():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
+    assert pm.signal_episodes(rewards, groups).tolist() == [False] * 3 + [True] * 2 + [False] * 3
+    assert pm.signal_episodes(torch.tensor([0.0, 0.3]), torch.tensor([5, 5])).tolist() == [True, True]
+    with pytest.raises(ValueError, match="group_ids"):
+        pm.signal_episodes(rewards, groups[:3])
+
+
+def test_evidence_stop_needs_patience_consecutive_empty_iterations_with_signal():
+    def replay(events, patience):
+        streak, stops = 0, []
+        for has_signal, kept_any in events:
+            streak, stop = pm.evidence_stop(streak, has_signal, kept_any, patience)
+            stops.append((streak, stop))
+        return stops
+
+    empty, kept, silent = (True, False), (True, True), (False, False)
+    assert replay([empty, empty], 2) == [(1, False), (2, True)]
+    assert replay([empty, kept, empty, empty], 2) == [(1, False), (0, False), (1, False), (2, True)]
+    # an iteration without reward signal is no evidence: it neither counts nor resets
+    assert replay([empty, silent, silent, empty], 2) == [(1, False), (1, False), (1, False), (2, True)]
+    assert replay([silent] * 5, 1) == [(0, False)] * 5
+    assert replay([empty], 1) == [(1, True)]
+    with pytest.raises(ValueError, match="patience"):
+        pm.evidence_stop(0, True, False, 0)
+
+
+def test_filter_never_keeps_episodes_without_signal():
+    scores = torch.tensor([5.0, 4.0, -1.0, 2.0, -3.0])
+    signal = torch.tensor([False, False, True, True, True])
+    keep, weights, empty = pm.ippo_filter(scores, 0.0, signal)
+    assert keep.tolist() == [False, False, False, True, False] and not empty
+    torch.testing.assert_close(weights, torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    keep, weights, empty = pm.ippo_filter(scores, 0.0, torch.tensor([True, True, False, False, False]))
+    torch.testing.assert_close(weights, torch.tensor([5 / 4.5, 4 / 4.5, 0.0, 0.0, 0.0]))
+    assert pm.ippo_filter(scores, 0.0, torch.tensor([False, False, True, False, True])).stop  # empty
+    assert not pm.ippo_filter(scores, 0.0).stop  # the paper's rule: every episode decides
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 33])
+def test_reward_flips_are_seeded_and_exactly_p_times_e_rounded(n):
+    rewards = (torch.arange(n) % 3 == 0).float()
+    for p in (0.0, 0.1, 0.3, 0.5, 0.99):
+        flipped_rewards, flipped = pm.flip_rewards(rewards, p, seed=11)
+        assert int(flipped.sum()) == round(p * n)
+        torch.testing.assert_close(flipped_rewards, torch.where(flipped, 1 - rewards, rewards))
+        again, flipped_again = pm.flip_rewards(rewards, p, seed=11)
+        assert torch.equal(again, flipped_rewards) and torch.equal(flipped_again, flipped)
+    draws = {tuple(pm.flip_rewards(torch.zeros(16), 0.3, seed=s)[1].tolist()) for s in range(10)}
+    assert len(draws) > 1  # another seed, other episodes
+    with pytest.raises(ValueError, match="binary"):
+        pm.flip_rewards(torch.tensor([0.0, 0.5]), 0.3, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        pm.flip_rewards(rewards, 1.0, seed=0)
+
+
+def brute_force_low_auc(values, positive):
+    pairs = [(v, w) for (v, p), (w, q) in itertools.product(zip(values, positive), repeat=2) if p and not q]
+    return sum(1.0 if v < w else 0.5 if v == w else 0.0 for v, w in pairs) / len(pairs)
+
+
+def test_low_auc_matches_the_pairwise_count_with_ties():
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 5, 16, 40):
+        for _ in range(20):
+            values = torch.randint(0, 4, (n,), generator=generator).float()  # many ties
+            positive = torch.rand(n, generator=generator) < 0.4
+            if positive.all() or not positive.any():
+                continue
+            assert pm.low_auc(values, positive) == pytest.approx(brute_force_low_auc(values.tolist(),
+                                                                                      positive.tolist()))
+    assert pm.low_auc(torch.tensor([0.0, 1.0]), torch.tensor([True, False])) == 1.0
+    assert pm.low_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+    assert pm.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None  # one class: no AUC
+    assert pm.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([False, False])) is None
+
+
+def test_spearman_with_ties_and_constants():
+    x = torch.tensor([1.0, 2.0, 2.0, 5.0])
+    assert pm.spearman(x, x * 3 - 1) == pytest.approx(1.0)
+    assert pm.spearman(x, -x) == pytest.approx(-1.0)
+    assert pm.spearman(x, torch.ones(4)) is None
+    assert pm.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def test_groups_without_signal_decide_nothing(tmp_path, monkeypatch):
+    """All rewards equal and every score negative: the paper's rule stops at once; the evidence rule keeps going,
+    updates nothing (no signal: nothing kept) and counts no evidence."""
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    run(cfg_for(tmp_path, algo="ippo", iterations=3, stop_rule="paper"), tmp_path / "paper", reward_fn=constant)
+    assert [r["iteration"] for r in records(tmp_path / "paper")] == [0, 1]
+    run(cfg_for(tmp_path, algo="ippo", iterations=3), tmp_path / "evidence", reward_fn=constant)
+    recs = records(tmp_path / "evidence")[1:]
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["signal_fraction"] == 0 and r["empty_streak"] == 0 and r["kept_fraction"] == 0
+        assert not r["early_stop"] and "pg_loss" not in r
+    # positive scores do not make episodes without signal count either
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.ones(6))
+    run(cfg_for(tmp_path, algo="ippo", iterations=1), tmp_path / "positive", reward_fn=constant)
+    assert records(tmp_path / "positive")[-1]["kept_fraction"] == 0
+
+
+def test_evidence_stop_after_patience_and_across_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    cfg = dict(algo="ippo", iterations=4, stop_patience=2, eval_every=10)
+    run(cfg_for(tmp_path, **cfg), tmp_path / "straight", reward_fn=alternating)
+    recs = records(tmp_path / "straight")
+    assert [(r["iteration"], r["empty_streak"], r["early_stop"]) for r in recs[1:]] == [(1, 1, False), (2, 2, True)]
+    assert recs[1]["signal_fraction"] == 1 and "eval" in recs[-1]
+    # killed after iteration 1: the streak comes back from the checkpoint
+    run(cfg_for(tmp_path, **(cfg | {"iterations": 1})), tmp_path / "resumed", reward_fn=alternating)
+    run(cfg_for(tmp_path, **cfg), tmp_path / "resumed", reward_fn=alternating, resume=True)
+    assert [(r["iteration"], r["empty_streak"]) for r in records(tmp_path / "resumed")[1:]] == [(1, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "ippo"])
+def test_reward_noise_is_logged_and_exact_across_resume(tmp_path, algo):
+    cfg = dict(algo=algo, iterations=3, reward_noise=0.5, eval_every=10, samples_per_prompt=4, stop_rule="paper")
+    run(cfg_for(tmp_path, **cfg), tmp_path / "straight", reward_fn=alternating)
+    calls = {"n": 0}
+
+    def dies_in_iteration_3(completions, examples):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return alternating(completions, examples)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path, **cfg), tmp_path / "killed", reward_fn=dies_in_iteration_3)
+    run(cfg_for(tmp_path, **cfg), tmp_path / "killed", reward_fn=alternating, resume=True)
+    straight, killed = records(tmp_path / "straight")[1:], records(tmp_path / "killed")[1:]
+    keys = ["reward", "flipped", "flip_auc_advantage", "flip_auc_random", "flip_auc_score", "flip_recall",
+            "flip_recall_random"]
+    assert [[r.get(k) for k in keys] for r in straight] == [[r.get(k) for k in keys] for r in killed]
+    a, b = lora_state(tmp_path / "straight"), lora_state(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for r in straight:
+        assert r["flipped"] == 4  # round(0.5 * 8)
+        assert 0 <= r["flip_auc_advantage"] <= 1 and 0 <= r["flip_auc_random"] <= 1
+        assert ("flip_auc_score" in r) == (algo == "ippo")
+        assert "unfaithful_auc_score" not in r  # a random tiny model is never right: one class, not logged
+    assert "flipped" not in records(tmp_path / "straight")[0]
+    report.write_report([tmp_path / "straight"], tmp_path / "report")
+    assert (tmp_path / "report" / "reward_noise.png").stat().st_size > 0
+    assert not (tmp_path / "report" / "unfaithful_auc.png").exists()  # never both classes: nothing to plot
+
+
+def test_reward_noise_needs_binary_rewards(tmp_path):
+    with pytest.raises(ValueError, match="--reward-noise.*binary"):
+        run(cfg_for(tmp_path, algo="ppo", reward_noise=0.3), tmp_path / "run",
+            reward_fn=lambda c, e: [0.5] * len(c))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("reward_noise", 1.0, r"--reward-noise must be in \[0, 1\)"),
+    ("reward_noise", -0.1, r"--reward-noise must be in \[0, 1\)"),
+    ("stop_rule", "never", "--stop-rule must be one of"),
+    ("stop_patience", 0, "--stop-patience must be >= 1"),
+    ("samples_per_prompt", 1, "--stop-rule evidence"),
+])
+def test_new_options_are_validated(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        cfg_for(tmp_path, algo="ippo", **{option: value}).validate()
+    cfg_for(tmp_path, algo="ippo", samples_per_prompt=1, stop_rule="paper").validate()
+
+
+def test_faithfulness_auc_among_correct_episodes():
+    """probe_metrics' faithfulness part on a hand-made buffer: two correct episodes, one with a wrong step."""
+    from ippo.train.tasks import Arith, Example
+
+    task = Arith(n_steps=2, digits=1, seed=0, sizes=(4, 4, 4))
+    ex = Example("2 + 3 then * 2", "2 + 3 = 5\n5 * 2 = 10\n#### 10")
+    texts = ["2 + 3 = 5\n5 * 2 = 10\n#### 10", "2 + 3 = 6\n6 * 2 = 10\n#### 10", "#### 7"]
+    correct, unfaithful = T.faithfulness(task, texts, [ex] * 3)
+    assert correct == [True, True, False] and unfaithful == [False, True, False]
+    mask = torch.ones(3, 2)
+    ro = T.Rollout(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), mask, 0, texts, [ex] * 3,
+                   torch.zeros(3, dtype=torch.long))
+    buf = T.Buffer(ro, torch.tensor([1.0, 1.0, 0.0]), 0, None, torch.zeros(3, 2), None,
+                   advantages=torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]]))
+    out = T.probe_metrics(task, buf, torch.tensor([0.5, -0.5, 9.0]), torch.ones(3, dtype=torch.bool), "0:1")
+    assert out == {"unfaithful": 1, "unfaithful_auc_score": 1.0, "unfaithful_auc_advantage": 0.0}
+
+
+# --------------------------------------------------------------------------- ippo probe
+
+
+def test_probe_command_end_to_end(tmp_path, capsys):
+    model_dir = tmp_path / "tiny-model"
+    model, tok = tiny()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    args = ["--model", str(model_dir), "--arith-steps", "1", "--arith-sizes", "40,12,8", "--lora-r", "4",
+            "--lora-alpha", "8", "--sft-steps", "1", "--sft-batch", "2", "--prompts-per-iter", "2",
+            "--samples-per-prompt", "3", "--max-new-tokens", "6", "--val-size", "2", "--minibatch", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress"]
+    out = tmp_path / "probe"
+    assert cli.main(["probe", "--draws", "3", "--big-val-size", "4", "--reward-noise", "0.5", "--sketch-dim", "8",
+                     "--out", str(out), *args]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    assert (out / "probe.png").stat().st_size > 0 and "probe.json" in capsys.readouterr().out
+    assert len(result["draws"]) == 3 and result["config"]["reward_noise"] == 0.5
+    for row in result["draws"]:
+        assert row["flipped"] == 3 and row["episodes"] == 6
+        assert {"paper_stop", "evidence_empty", "all_equal", "spearman_length", "spearman_cosine", "flip_auc_cosine",
+                "sign_agreement"} <= set(row)
+        assert all(0 <= row[k] <= 1 for k in row if "auc" in k) and 0 < row["top_direction_share"] <= 1
+        assert len(row["per_episode"]["score"]) == 6 and sum(row["per_episode"]["flipped"]) == 3
+    summary = result["summary"]
+    assert summary["flip_auc_random"]["n"] == 3
+    assert summary["all_equal"]["draws"] + summary["mixed"]["draws"] == 3
+    assert cli.main(["probe", "--draws", "0", "--out", str(out), *args]) == 2
+    assert "--draws must be >= 1" in capsys.readouterr().err
