@@ -1,4 +1,5 @@
-"""ippo.kernels.influence_scores against the definition, in float64, on fresh random ragged inputs."""
+"""ippo.kernels.influence_scores, and the scorer's combine lora_token_influence, against the definition, in float64, on
+fresh random ragged inputs."""
 
 import zlib
 
@@ -7,6 +8,7 @@ import torch
 from conftest import DEVICE
 
 from ippo.kernels import influence_scores
+from ippo.kernels.ops import segment_sum
 
 # (N tokens, d_in, d_out, r, episodes): ragged, degenerate, and dims that are no multiple of any block.
 SHAPES = [(0, 8, 8, 2, 3), (1, 1, 1, 1, 1), (37, 70, 90, 3, 5), (200, 130, 64, 16, 7), (64, 33, 17, 7, 1),
@@ -87,3 +89,60 @@ def test_scaling_only_scales_the_B_term(backend):
     a_only = influence_scores(**args_a, segment_ids=segment_ids, num_segments=4, scaling=2.0)
     b_half = influence_scores(**args, segment_ids=segment_ids, num_segments=4, scaling=1.0) - a_only
     torch.testing.assert_close(with_b - a_only, 2 * b_half)
+
+
+# ---- lora_token_influence: the scorer's combine of the folded GEMMs' rank-r outputs ----------------------------
+
+def folded_inputs(n, d_in, d_out, r, episodes, dtype, generator):
+    """``random_inputs`` plus the scorer's folded GEMM outputs in ``dtype``: x [A; V_A]^T and grad_y [B, V_B]
+    (N, 2r), whose column halves (strided views) are h, x_va = x V_A^T and g B, g_vb = grad_y V_B."""
+    args, segment_ids = random_inputs(n, d_in, d_out, r, episodes, dtype, generator)
+    weight_A = torch.randn(r, d_in, generator=generator).to(DEVICE, dtype)
+    weight_B = torch.randn(d_out, r, generator=generator).to(DEVICE, dtype)
+    hv = args["x"] @ torch.cat([weight_A, args["val_A"]]).T
+    gv = args["grad_y"] @ torch.cat([weight_B, args["val_B"]], 1)
+    args.update(h=hv[:, :r], grad_h=gv[:, :r] * 0.37)
+    return args, dict(h=hv[:, :r], x_va=hv[:, r:], g_vb=gv[:, r:], grad_h=args["grad_h"]), segment_ids
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_token_influence_matches_float64_definition(backend, shape, dtype):
+    """The scorer's path: the combine of the folded GEMMs' outputs (rounded to ``dtype``, as the scorer's are),
+    summed per episode, vs the float64 definition of the scores; flash-attention's rule: error at most 2x that of
+    eager torch forming the per-episode gradients in ``dtype``."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"fold{shape}{dtype}".encode()))
+    args, folded, segment_ids = folded_inputs(*shape, dtype, generator)
+    num_segments = shape[-1]
+    tokens = torch.ops.ippo.lora_token_influence(**folded, scaling=0.37)
+    assert tokens.dtype == torch.float32 and tokens.shape == (shape[0],)
+    ours = segment_sum(tokens, segment_ids, num_segments).double()
+    reference = definition(**args, segment_ids=segment_ids, num_segments=num_segments, scaling=0.37,
+                           dtype=torch.float64)
+    eager = definition(**args, segment_ids=segment_ids, num_segments=num_segments, scaling=0.37, dtype=dtype)
+    our_error = (ours - reference).abs().max().item() if num_segments else 0.0
+    eager_error = (eager.double() - reference).abs().max().item() if num_segments else 0.0
+    floor = 1e-6 * max(1.0, reference.abs().max().item() if num_segments else 0.0)
+    assert our_error <= 2 * eager_error + floor, (our_error, eager_error)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_lora_token_influence_equals_token_influence_in_float64(backend, shape):
+    """Fed x V_A^T and grad_y V_B, the combine is ``token_influence`` (the trainers' op) to float64 rounding, token by
+    token (ragged ids with padding, empty episodes, no tokens, one token, r = 1)."""
+    args, folded, segment_ids = folded_inputs(*shape, torch.float64, torch.Generator().manual_seed(11))
+    tokens = torch.ops.ippo.lora_token_influence(**folded, scaling=0.37)
+    assert tokens.dtype == torch.float64
+    torch.testing.assert_close(tokens, torch.ops.ippo.token_influence(*args.values(), 0.37), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(segment_sum(tokens, segment_ids, shape[-1]),
+                               influence_scores(**args, segment_ids=segment_ids, num_segments=shape[-1],
+                                                scaling=0.37), rtol=1e-12, atol=1e-12)
+
+
+def test_lora_token_influence_nan_stays_in_its_token(backend):
+    _, folded, _ = folded_inputs(30, 20, 24, 4, 3, torch.float32, torch.Generator().manual_seed(3))
+    folded = {k: v.clone() for k, v in folded.items()}
+    folded["x_va"][12, 3] = float("nan")
+    folded["g_vb"][29, 0] = float("inf")
+    tokens = torch.ops.ippo.lora_token_influence(**folded)
+    assert (~torch.isfinite(tokens)).nonzero().flatten().tolist() == [12, 29]

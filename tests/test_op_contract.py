@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICE
-from test_influence_op import random_inputs
+from test_influence_op import folded_inputs, random_inputs
 
 from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
 from ippo.kernels.backends import select_backend
@@ -25,6 +25,23 @@ def test_opcheck(backend, dtype):
                           (*sketch_args, segment_ids, episodes, 12, 7, 2, 0.5))
 
 
+def combine_inputs(dtype=torch.float32, n=33):
+    """lora_token_influence's (h, x_va, g_vb, grad_h), (n, 3), strided like the scorer's."""
+    return tuple(folded_inputs(n, 20, 12, 3, 4, dtype, torch.Generator().manual_seed(1))[1].values())
+
+
+@pytest.mark.parametrize("n", [33, 1, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck_lora_token_influence(backend, dtype, n):
+    """The scorer's combine under opcheck (schema, fake impl, autograd registration), and traced whole by
+    torch.compile."""
+    args = combine_inputs(dtype, n)
+    torch.library.opcheck(torch.ops.ippo.lora_token_influence.default, (*args, 0.5))
+    torch._dynamo.reset()  # a fresh cache per case: the 3 x 3 x backends cases exceed the recompile limit
+    compiled = torch.compile(torch.ops.ippo.lora_token_influence, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args, 0.5), torch.ops.ippo.lora_token_influence(*args, 0.5))
+
+
 def test_influence_scores_is_the_segment_sum_of_token_influence(backend):
     args, segment_ids, episodes = op_inputs(torch.float64)
     tokens = torch.ops.ippo.token_influence(*args.values(), 0.5)
@@ -42,6 +59,8 @@ def test_op_schemas_default_like_the_wrappers():
     assert torch.equal(ops.influence_scores(*args.values(), segment_ids, episodes),
                        ops.influence_scores(*args.values(), segment_ids, episodes, 1.0))
     assert torch.equal(ops.token_influence(*args.values()), ops.token_influence(*args.values(), 1.0))
+    combine = combine_inputs(torch.float64)
+    assert torch.equal(ops.lora_token_influence(*combine), ops.lora_token_influence(*combine, 1.0))
     sketch_args = [args[k] for k in ("x", "h", "grad_y", "grad_h")]
     assert torch.equal(ops.gradient_sketches(*sketch_args, segment_ids, episodes, 12),
                        ops.gradient_sketches(*sketch_args, segment_ids, episodes, 12, 0, 0, 1.0))
@@ -70,6 +89,17 @@ def test_ops_check_their_own_inputs(device):
     elsewhere = dict(args, val_B=torch.zeros(args["val_B"].shape, device=other))
     with pytest.raises(ValueError, match=rf"token_influence: all tensors must be on one device; .*val_B on {other}"):
         torch.ops.ippo.token_influence(*elsewhere.values())
+    h, x_va, g_vb, grad_h = (t.to(device) for t in combine_inputs())
+    with pytest.raises(ValueError, match=r"lora_token_influence: x_va has shape \(5, 3\), i\.e\. N=5, but h \(33, 3\)"):
+        torch.ops.ippo.lora_token_influence(h, x_va[:5], g_vb, grad_h)
+    with pytest.raises(ValueError, match=r"lora_token_influence: g_vb has shape \(33, 2\), i\.e\. r=2, but h "):
+        torch.ops.ippo.lora_token_influence(h, x_va, g_vb[:, :2], grad_h)
+    with pytest.raises(ValueError, match=r"lora_token_influence: grad_h must be float16, bfloat16, float32 or float64"):
+        torch.ops.ippo.lora_token_influence(h, x_va, g_vb, grad_h.long())
+    with pytest.raises(ValueError, match=r"lora_token_influence: scaling must be a finite number; got inf"):
+        torch.ops.ippo.lora_token_influence(h, x_va, g_vb, grad_h, float("inf"))
+    with pytest.raises(ValueError, match=rf"lora_token_influence: all tensors must be on one device; .*h on {other}"):
+        torch.ops.ippo.lora_token_influence(h, x_va, g_vb, torch.zeros(grad_h.shape, device=other))
 
 
 def test_op_never_reads_out_of_bounds_segments():

@@ -307,7 +307,7 @@ def test_backward_runs_the_registered_op():
     with torch.profiler.profile() as profile:
         scored_backward(model, val_grads, *batch(random_episodes([3, 4])))
     calls = {event.key: event.count for event in profile.key_averages()}
-    assert calls.get("ippo::token_influence") == len(val_grads) == 14
+    assert calls.get("ippo::lora_token_influence") == len(val_grads) == 14
 
 
 def test_torch_compiled_model_scores_equal_eager():
@@ -350,3 +350,19 @@ def test_autocast_bf16_matches_eager_error(backend):
     eager_error = (eager.double() - expected).abs().max().item()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
     assert our_error <= 2 * eager_error + 1e-6 * expected.abs().max().item(), (our_error, eager_error)
+
+
+def test_scored_forward_equals_plain_forward(backend):
+    """The folded forward (x [A; V_A]^T, 2r wide) gives peft's logits to float64 rounding; with lora_grads=False
+    the scorer keeps no x for the backward and still scores the same."""
+    model = tiny_model()
+    val_grads = val_grads_of(model)
+    *inputs, segment_ids = batch(random_episodes(LENGTHS), row_length=15)
+    with torch.no_grad():
+        plain = model(input_ids=inputs[0], attention_mask=inputs[3], position_ids=inputs[4]).logits
+    with InfluenceScorer(model, val_grads, segment_ids, len(LENGTHS), lora_grads=False) as scorer:
+        scored = model(input_ids=inputs[0], attention_mask=inputs[3], position_ids=inputs[4]).logits
+        episode_losses(model, *inputs).sum().backward()
+    torch.testing.assert_close(scored, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scorer.scores, scored_backward(model, val_grads, *inputs, segment_ids, len(LENGTHS)),
+                               rtol=1e-12, atol=1e-14)

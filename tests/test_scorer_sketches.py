@@ -77,7 +77,9 @@ def test_scores_and_sketches_from_one_backward_equal_two_backwards(backend):
     model.zero_grad()
     sketches_only = run(model, None, episodes, sketch_dim=K, sketch_seed=2)
     torch.testing.assert_close(both.scores, scores_only.scores, rtol=0, atol=0)
-    torch.testing.assert_close(both.sketches, sketches_only.sketches, rtol=0, atol=0)
+    # Without val_grads the LoRA GEMMs are r wide, not 2r (the validation gradient folded in): h and grad_h may
+    # round differently, so the sketches agree to rounding only.
+    torch.testing.assert_close(both.sketches, sketches_only.sketches, rtol=1e-12, atol=1e-14)
 
 
 def test_whole_model_sketch_unbiased_with_error_like_inverse_sqrt_k():
@@ -145,7 +147,7 @@ def test_backward_runs_the_registered_sketch_op():
     with torch.profiler.profile() as profile:
         run(model, val_grads_of(model), random_episodes([3, 4]), sketch_dim=K)
     calls = {event.key: event.count for event in profile.key_averages()}
-    assert calls.get("ippo::gradient_sketches") == calls.get("ippo::token_influence") == 14
+    assert calls.get("ippo::gradient_sketches") == calls.get("ippo::lora_token_influence") == 14
 
 
 def test_layer_order_is_the_models_and_checked():

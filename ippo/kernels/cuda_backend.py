@@ -1,7 +1,8 @@
 """The cuda backend: CUDA C++ kernels from csrc/, compiled into ``ippo._C`` where nvcc exists.
 
-Same primitives as ``torch_backend`` (same math as the Triton kernels); ``segment_sketch`` is not fused here
-yet: it is the torch reduction over this backend's ``project_rows`` (O(tokens x m) transient memory).
+Same primitives as ``torch_backend`` (same math as the Triton kernels); ``lora_token_influence`` is the torch
+one (an elementwise combine), and ``segment_sketch`` is not fused here yet: it is the torch reduction over this
+backend's ``project_rows`` (O(tokens x m) transient memory).
 Tensors cross into the extension as raw device pointers + dtype codes + strides, with the current torch
 CUDA stream as an integer handle, so ``ippo._C`` does not link libtorch (see csrc/README.md).
 """
@@ -140,6 +141,15 @@ def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: tor
         _mat(x), _mat(h), _mat(grad_y), _mat(grad_h), _mat(val_A), _mat(val_B),
         out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0), n, d_in, d_out, r, float(scaling),
         device.index, torch.cuda.current_stream(device).cuda_stream)
+
+
+def lora_token_influence(h, x_va, g_vb, grad_h, scaling: float, out: torch.Tensor) -> None:
+    """out (N,) += grad_h . x_va + scaling * h . g_vb: ``torch_backend.lora_token_influence`` (an elementwise
+    combine of (N, r) tensors: no kernel of this backend's own)."""
+    from ippo.kernels import torch_backend
+
+    _check_cuda("lora_token_influence", dict(h=h, x_va=x_va, g_vb=g_vb, grad_h=grad_h, out=out))
+    torch_backend.lora_token_influence(h, x_va, g_vb, grad_h, scaling, out)
 
 
 def project_rows(x: torch.Tensor, salt: int, m: int, acc: torch.dtype) -> torch.Tensor:

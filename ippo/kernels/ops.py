@@ -1,6 +1,7 @@
-"""The torch ops ``token_influence``, ``influence_scores`` and ``gradient_sketches``: argument checks,
-torch.library registration, and the segment bookkeeping shared by every backend (``segment_sum``,
-``segment_order``; the sketch's per-episode reduction itself is each backend's fused ``segment_sketch``).
+"""The torch ops ``token_influence``, ``influence_scores``, ``lora_token_influence`` and ``gradient_sketches``:
+argument checks, torch.library registration, and the segment bookkeeping shared by every backend
+(``segment_sum``, ``segment_order``; the sketch's per-episode reduction itself is each backend's fused
+``segment_sketch``).
 
 Each op checks its own inputs (in its implementation and its fake impl, so torch.ops callers and
 torch.compile get the same errors); the Python wrappers add only the segment id value check.
@@ -187,6 +188,44 @@ def influence_scores(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, gra
     check_lora_inputs("influence_scores", x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
     check_segment_ids("influence_scores", segment_ids, num_segments)
     return torch.ops.ippo.influence_scores(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling)
+
+
+# ---- lora_token_influence: the combine of the scorer's folded path -----------------------------------------
+
+def check_combine_inputs(op: str, h, x_va, g_vb, grad_h, scaling) -> dict[str, int]:
+    """The static checks of ``lora_token_influence`` (types, dtypes, one device, all four (N, r); no sync)."""
+    floats = dict(h=h, x_va=x_va, g_vb=g_vb, grad_h=grad_h)
+    check_tensors(op, floats)
+    check_scaling(op, scaling)
+    return check_shapes(op, [(name, t, ("N", "r")) for name, t in floats.items()])
+
+
+def combine_values(h, x_va, g_vb, grad_h, scaling: float) -> torch.Tensor:
+    """(N,) per-token influence from the selected backend's ``lora_token_influence`` (inputs already checked)."""
+    _, backend = select_backend(h.device)
+    out = torch.zeros(h.shape[0], dtype=accumulation_dtype(h, x_va, g_vb, grad_h), device=h.device)
+    backend.lora_token_influence(h, x_va, g_vb, grad_h, scaling, out)
+    return out
+
+
+@torch.library.custom_op("ippo::lora_token_influence", mutates_args=())
+def _lora_token_influence_op(h: torch.Tensor, x_va: torch.Tensor, g_vb: torch.Tensor, grad_h: torch.Tensor,
+                             scaling: float = 1.0) -> torch.Tensor:
+    """(N,) per-token influence of one LoRA layer from rank-r tensors only, float32 (float64 for float64 inputs):
+
+        grad_h[t] . x_va[t] + scaling * h[t] . g_vb[t]
+
+    with h = x A^T, x_va = x V_A^T, g_vb = grad_y V_B, grad_h = scaling * grad_y B, all (N, r). Equal to
+    ``token_influence(x, h, grad_y, grad_h, V_A, V_B, scaling)``; InfluenceScorer gets x_va and g_vb from the
+    LoRA GEMMs it already runs (x [A; V_A]^T, grad_y [B, V_B]), so this reads no (N, d) tensor."""
+    check_combine_inputs("lora_token_influence", h, x_va, g_vb, grad_h, scaling)
+    return combine_values(h, x_va, g_vb, grad_h, scaling)
+
+
+@_lora_token_influence_op.register_fake
+def _(h, x_va, g_vb, grad_h, scaling=1.0):
+    check_combine_inputs("lora_token_influence", h, x_va, g_vb, grad_h, scaling)
+    return h.new_empty(h.shape[0], dtype=accumulation_dtype(h, x_va, g_vb, grad_h))
 
 
 # ---- gradient_sketches ----------------------------------------------------------------------------------

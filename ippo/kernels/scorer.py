@@ -1,14 +1,17 @@
 """Per-episode influence scores inside one ``loss.backward()`` over a peft LoRA model.
 
-Each LoRA Linear's branch y = s * B (A x~) runs through ``_ScoredLoRA``, whose backward computes the
-usual LoRA gradients and, from the same x~, h = A x~, g = dl/dy and gh = s * B^T g, adds each token's
-influence (the op ``torch.ops.ippo.token_influence``) to a (N,) buffer. ``scorer.scores`` reduces that
-buffer per episode:
+Each LoRA Linear's branch y = s * B (A x~) runs through ``_ScoredLoRA``, which folds the validation gradient
+into the LoRA GEMMs the layer runs anyway: the forward's x~ [A; V_A]^T gives h = A x~ and V_A x~, the backward's
+g [B, V_B] (g = dl/dy) gives B^T g (gh = s * B^T g) and V_B^T g, each from one read of x~ or g. The backward
+computes the usual LoRA gradients and adds each token's influence, a combine of those rank-r tensors (the op
+``torch.ops.ippo.lora_token_influence``), to a (N,) buffer. ``scorer.scores`` reduces that buffer per episode:
 
-    s_i = sum_layers sum_{t in i} [ gh_t . (V_A x~_t) + s * g_t . (V_B h_t) ] = < dl_i/dtheta , dL_val/dtheta >
+    s_i = sum_layers sum_{t in i} [ gh_t . (V_A x~_t) + s * (V_B^T g_t) . h_t ] = < dl_i/dtheta , dL_val/dtheta >
 
 for a loss that is the sum of per-episode losses, l = sum_i l_i. Positive s_i: a step on episode i
-lowers the validation loss. Nothing per-episode wider than rank r is ever formed.
+lowers the validation loss. Nothing per-episode wider than rank r is ever formed. The 2r-wide GEMMs may round h
+and gh differently from peft's r-wide ones, so the scored forward's output and the LoRA gradients equal a plain
+forward+backward's to rounding (tested to 1e-12 relative in float64), not always bit for bit.
 
 With ``sketch_dim=k`` the same backward also sketches every episode's whole LoRA gradient (the op
 ``torch.ops.ippo.gradient_sketches`` per layer, fused: no per-episode gradient and no (tokens x r x m)
@@ -17,7 +20,8 @@ bias, and sketches can be stored and scored later against any other validation g
 
 Going through the registered ops (rather than the backend function) makes the scorer run the path that is
 opcheck'd and traced by torch.compile, with the op's input checks; it costs about 20 us of Python per LoRA
-layer per backward (dispatch and checks, measured on CPU).
+layer per backward (dispatch and checks, measured on CPU). Concatenating [A; V_A] and [B, V_B] per call costs a
+few us per layer (measured on CPU, against ms for the GEMMs at SmolLM2 widths), so it is not cached.
 """
 
 from __future__ import annotations
@@ -161,27 +165,48 @@ def validation_gradients(model: torch.nn.Module, val_loss: torch.Tensor) -> dict
 
 
 class _ScoredLoRA(torch.autograd.Function):
-    """y = scaling * (x A^T) B^T; backward also adds the layer's per-token influence to the scorer."""
+    """y = scaling * (x A^T) B^T, plus the layer's per-token influence added to the scorer in the backward.
+
+    With a validation gradient (V_A, V_B) the LoRA GEMMs carry it: the forward runs x [A; V_A]^T (N, 2r), giving
+    h = x A^T and x V_A^T from one read of x, and the backward grad_y [B, V_B] (N, 2r), giving grad_y B and
+    grad_y V_B from one read of grad_y; the influence is then a combine of (N, r) tensors
+    (``torch.ops.ippo.lora_token_influence``). V enters the GEMMs in the LoRA weights' dtype (that of
+    ``validation_gradients``), so a float64 V on a float32 model scores with float32 products. x is kept for the
+    backward only when the LoRA weight gradients or the sketches need it."""
 
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, scaling, site):
-        h = F.linear(x, weight_A)
-        ctx.save_for_backward(x, h, weight_A, weight_B)
-        ctx.scaling, ctx.site = scaling, site
-        return F.linear(h, weight_B) * scaling
+        scorer = site.scorer
+        weight = weight_A if site.val is None else torch.cat([weight_A, site.val.A.to(weight_A.dtype)])
+        hv = F.linear(x, weight)  # (..., r) = h, or (..., 2r) = [h, x V_A^T]
+        keep_x = scorer.sketch_dim is not None or (scorer.lora_grads and ctx.needs_input_grad[1])
+        ctx.save_for_backward(x if keep_x else None, hv, weight_A, weight_B)
+        ctx.scaling, ctx.site, ctx.x_shape, ctx.x_dtype = scaling, site, x.shape, x.dtype
+        return F.linear(hv[..., :weight_A.shape[0]], weight_B) * scaling
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, h, weight_A, weight_B = ctx.saved_tensors
-        dtype, s = h.dtype, ctx.scaling  # compute in the forward's dtype (autocast's, if any)
+        x, hv, weight_A, weight_B = ctx.saved_tensors
+        site, s, r = ctx.site, ctx.scaling, weight_A.shape[0]
+        dtype = hv.dtype  # compute in the forward's dtype (autocast's, if any)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        x2, h2 = x.reshape(-1, x.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1])
-        grad_h = (g @ weight_B.to(dtype)) * s
-        ctx.site.add(x2, h2, g, grad_h)
-        grad_x = (grad_h @ weight_A.to(dtype)).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        lora_grads = ctx.site.scorer.lora_grads  # False: scoring only, the two weight-gradient GEMMs are skipped
+        hv = hv.reshape(-1, hv.shape[-1])
+        h = hv[:, :r]
+        if site.val is None:
+            grad_h = (g @ weight_B.to(dtype)) * s
+        else:
+            gv = g @ torch.cat([weight_B, site.val.B.to(weight_B.dtype)], 1).to(dtype)  # (N, 2r) = [g B, g V_B]
+            grad_h = gv[:, :r] * s
+            site.add_scores(h, hv[:, r:], gv[:, r:], grad_h)
+        x2 = None if x is None else x.reshape(-1, x.shape[-1]).to(dtype)
+        if site.scorer.sketch_dim is not None:
+            site.add_sketches(x2, h, g, grad_h)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ weight_A.to(dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        lora_grads = site.scorer.lora_grads  # False: scoring only, the two weight-gradient GEMMs are skipped
         grad_A = (grad_h.T @ x2).to(weight_A.dtype) if lora_grads and ctx.needs_input_grad[1] else None
-        grad_B = ((g.T @ h2) * s).to(weight_B.dtype) if lora_grads and ctx.needs_input_grad[2] else None
+        grad_B = ((g.T @ h) * s).to(weight_B.dtype) if lora_grads and ctx.needs_input_grad[2] else None
         return grad_x, grad_A, grad_B, None, None
 
 
@@ -192,17 +217,17 @@ class _Site:
     def __init__(self, scorer: InfluenceScorer, name: str, val: LoRAGrad | None, scaling: float, index: int):
         self.scorer, self.name, self.val, self.scaling, self.index = scorer, name, val, scaling, index
 
-    def add(self, x, h, grad_y, grad_h) -> None:
-        """The scorer's (N,) token buffer += this layer's per-token influence, and its (S, k) sketches += this
-        layer's sketches; x (N, d_in), h, grad_h (N, r), grad_y (N, d_out)."""
+    def add_scores(self, h, x_va, g_vb, grad_h) -> None:
+        """The scorer's (N,) token buffer += this layer's per-token influence; all (N, r): h = x A^T,
+        x_va = x V_A^T, g_vb = grad_y V_B, grad_h = s grad_y B."""
+        self.scorer._token_buffer.add_(torch.ops.ippo.lora_token_influence(h, x_va, g_vb, grad_h, self.scaling))
+
+    def add_sketches(self, x, h, grad_y, grad_h) -> None:
+        """The scorer's (S, k) sketches += this layer's; x (N, d_in), h, grad_h (N, r), grad_y (N, d_out)."""
         scorer = self.scorer
-        if self.val is not None:
-            scorer._token_buffer.add_(torch.ops.ippo.token_influence(x, h, grad_y, grad_h, self.val.A, self.val.B,
-                                                                     self.scaling))
-        if scorer.sketch_dim is not None:
-            scorer._sketch_buffer.add_(torch.ops.ippo.gradient_sketches(
-                x, h, grad_y, grad_h, scorer.segment_ids, scorer.num_segments, scorer.sketch_dim, scorer.sketch_seed,
-                self.index, self.scaling))
+        scorer._sketch_buffer.add_(torch.ops.ippo.gradient_sketches(
+            x, h, grad_y, grad_h, scorer.segment_ids, scorer.num_segments, scorer.sketch_dim, scorer.sketch_seed,
+            self.index, self.scaling))
 
 
 class InfluenceScorer:

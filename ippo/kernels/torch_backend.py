@@ -1,9 +1,11 @@
 """Pure-PyTorch backend: runs on any device, and is the reference the other backends are tested against.
 
-Every backend exposes the same three primitives; the ops in ``ops.py`` build on them:
+Every backend exposes the same four primitives; the ops in ``ops.py`` build on them:
 
 * ``token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling, out)``:
   out[t] += grad_h[t] . (val_A @ x[t]) + scaling * grad_y[t] . (val_B @ h[t])   for t < N
+* ``lora_token_influence(h, x_va, g_vb, grad_h, scaling, out)``: the same from rank-r tensors only,
+  out[t] += grad_h[t] . x_va[t] + scaling * h[t] . g_vb[t]   (x_va = x V_A^T, g_vb = grad_y V_B, all (N, r))
 * ``project_rows(x, salt, m)``: (N, m) rows of x projected by the Rademacher matrix of ``salt``,
   x @ P^T with P = sign / sqrt(m) (see ``projection.py``).
 * ``segment_sketch(z, coef, order, offsets, salt, scale, out)``: the per-episode sketch reduction,
@@ -28,6 +30,13 @@ def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: tor
     a = x.to(acc) @ val_A.to(acc).T
     b = grad_y.to(acc) @ val_B.to(acc)
     out += (grad_h.to(acc) * a).sum(-1) + scaling * (h.to(acc) * b).sum(-1)
+
+
+def lora_token_influence(h, x_va, g_vb, grad_h, scaling: float, out: torch.Tensor) -> None:
+    """out (N,) += grad_h . x_va + scaling * h . g_vb, row by row, in out.dtype; all inputs (N, r)."""
+    acc = out.dtype
+    out += torch.linalg.vecdot(grad_h.to(acc), x_va.to(acc))
+    out.add_(torch.linalg.vecdot(h.to(acc), g_vb.to(acc)), alpha=scaling)
 
 
 def project_rows(x: torch.Tensor, salt: int, m: int, acc: torch.dtype) -> torch.Tensor:

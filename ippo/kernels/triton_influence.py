@@ -1,4 +1,5 @@
-"""Triton kernel for the per-token LoRA influence ``token_influence``, the hot loop of every influence op.
+"""Triton kernels for the per-token LoRA influence: ``token_influence``, the hot loop of every influence op, and
+``lora_token_influence``, the scorer's combine of rank-r tensors (its GEMMs already gave x V_A^T and grad_y V_B).
 
 One program owns BLOCK_N tokens. It streams x (BLOCK_N x d_in) and grad_y (BLOCK_N x d_out) once,
 tile by tile, against the validation gradients and keeps only rank-r accumulators:
@@ -20,6 +21,7 @@ from ippo.kernels.triton_utils import TL_DTYPE, dot_dtype, rank_block
 
 BLOCK_N = 32  # 32 tokens a program: enough programs to fill an H100 at 8K tokens
 BLOCK_K = 64
+COMBINE_BLOCK_N = 128  # the combine is elementwise on (N, r): wider blocks, fewer programs
 
 
 @triton.jit
@@ -83,4 +85,39 @@ def token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling: float, out: tor
         float(scaling),
         DOT_DTYPE=dot, ACC_DTYPE=TL_DTYPE[out.dtype],
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, R_PAD=rank_block(r),
+    )
+
+
+@triton.jit
+def lora_token_influence_kernel(
+    h_ptr, xa_ptr, gb_ptr, gh_ptr, out_ptr, N, R,
+    stride_hn, stride_hr, stride_xan, stride_xar, stride_gbn, stride_gbr, stride_ghn, stride_ghr,
+    scaling,
+    ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ranks = tl.arange(0, R_PAD)
+    mask = (rows < N)[:, None] & (ranks < R)[None, :]
+    gh = tl.load(gh_ptr + rows[:, None] * stride_ghn + ranks[None, :] * stride_ghr, mask=mask, other=0.0)
+    xa = tl.load(xa_ptr + rows[:, None] * stride_xan + ranks[None, :] * stride_xar, mask=mask, other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * stride_hn + ranks[None, :] * stride_hr, mask=mask, other=0.0)
+    gb = tl.load(gb_ptr + rows[:, None] * stride_gbn + ranks[None, :] * stride_gbr, mask=mask, other=0.0)
+    token = (tl.sum(gh.to(ACC_DTYPE) * xa.to(ACC_DTYPE), axis=1)
+             + scaling * tl.sum(h.to(ACC_DTYPE) * gb.to(ACC_DTYPE), axis=1))
+    previous = tl.load(out_ptr + rows, mask=rows < N, other=0.0)
+    tl.store(out_ptr + rows, previous + token, mask=rows < N)
+
+
+def lora_token_influence(h, x_va, g_vb, grad_h, scaling: float, out: torch.Tensor) -> None:
+    """out (N,) += grad_h . x_va + scaling * h . g_vb per row; inputs (N, r), may be strided, any float dtype."""
+    n, r = h.shape
+    if n == 0:
+        return
+    lora_token_influence_kernel[(triton.cdiv(n, COMBINE_BLOCK_N),)](
+        h, x_va, g_vb, grad_h, out, n, r,
+        h.stride(0), h.stride(1), x_va.stride(0), x_va.stride(1), g_vb.stride(0), g_vb.stride(1),
+        grad_h.stride(0), grad_h.stride(1),
+        float(scaling),
+        ACC_DTYPE=TL_DTYPE[out.dtype], BLOCK_N=COMBINE_BLOCK_N, R_PAD=triton.next_power_of_2(r),
     )

@@ -331,7 +331,9 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
     fills into ``buf`` (``rollout(old_logprobs=False)``): no forward of its own, unlike :func:`score_episodes`.
     With ``sketches``, ``(scores, sketches)`` as there, from the same backward.
 
-    Per micro-batch (``buffer_logprobs``'s, so ``buf`` gets the same numbers as there): the forward runs with
+    Per micro-batch (``buffer_logprobs``'s, so ``buf`` gets the same numbers as there, to rounding: the scorer's
+    forward computes the LoRA branch with [A; V_A] in one GEMM, which the BLAS may round differently from A
+    alone; bit-identical on the tested shapes, not guaranteed): the forward runs with
     grad inside an InfluenceScorer, the log-probs are detached as ``old_logp`` (the ratio is exactly 1, so the
     clipped loss has the plain policy-gradient gradient), the micro-batch's advantages are computed from them, and
     one backward of sum_i actor_loss_i scores its episodes. The advantages must then be known per episode: that
