@@ -231,8 +231,8 @@ def main(argv=None) -> None:
 
     real_filter = T.pm.ippo_filter
 
-    def keep_all(scores, tol):
-        real_filter(scores, tol)  # the same checks and work
+    def keep_all(scores, tol, signal=None):
+        real_filter(scores, tol, signal)  # the same checks and work
         return T.pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
 
     def restore(algo: str) -> None:
