@@ -33,7 +33,6 @@ is taken at the bf16 snapshot, i.e. at the sampling policy's adapter rounded to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -50,7 +49,7 @@ from ippo.train.checkpoint import (
     trainable_state,
     write_json,
 )
-from ippo.train.config import Config, build_task, resolve_device, resolve_model_dir
+from ippo.train.config import Config, build_task, resolve_device, resolve_model_dir, run_config
 from ippo.train.tasks import Example, Task, read_gsm8k_jsonl
 
 SKETCH_DIR = "sketches"
@@ -192,20 +191,6 @@ def read_iteration(run_dir: str | Path, iteration: int) -> StoredIteration:
 
 
 # =========================================================================== attribution
-
-
-def run_config(run_dir: Path) -> Config:
-    """The :class:`Config` of a run directory (its config.json, checked)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; {str(run_dir)!r} is not a run directory")
-    saved = read_json(path, required=("algo",))
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    return cfg
 
 
 def validation_examples(task: Task, data: str, size: int | None) -> list[Example]:

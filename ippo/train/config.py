@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ippo.train.checkpoint import read_json
 from ippo.train.model import default_model_dir
 from ippo.train.tasks import Task, make_task
 
@@ -225,3 +226,18 @@ def resolve_device(cfg: Config) -> torch.device:
 def resolve_model_dir(cfg: Config) -> Path:
     """The model directory of ``cfg``: the converted default model, or ``cfg.model`` itself."""
     return default_model_dir() if cfg.model == "default" else Path(cfg.model).expanduser()
+
+
+def run_config(run_dir: Path) -> Config:
+    """The :class:`Config` of a run directory (its config.json, checked; unknown keys ignored); FileNotFoundError or
+    ValueError naming the file."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; {str(run_dir)!r} is not a run directory")
+    saved = read_json(path, required=("algo",))
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    return cfg

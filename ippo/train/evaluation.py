@@ -3,15 +3,14 @@ checkers (whatever reward a run trains on); and the evaluation of a run director
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ippo.train.checkpoint import latest_checkpoint, load_tensors, load_trainable_state, read_json
-from ippo.train.config import Config, build_task, resolve_device, resolve_model_dir
+from ippo.train.checkpoint import latest_checkpoint, load_tensors, load_trainable_state
+from ippo.train.config import Config, build_task, resolve_device, resolve_model_dir, run_config
 from ippo.train.model import add_lora, load_causal_lm
 from ippo.train.policy import fork_rng, sample
 from ippo.train.tasks import Task, extract_final_answer
@@ -78,13 +77,7 @@ def evaluate_run(run_dir: str | Path, eval_size: int | None = None, eval_k: int 
     run_dir = Path(run_dir)
     if not (run_dir / "latest.json").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} holds no checkpoint (latest.json): not a run directory")
-    config_path = run_dir / "config.json"
-    saved = read_json(config_path, required=("algo",))
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from err
+    cfg = run_config(run_dir)
     cfg.eval_size = cfg.eval_size if eval_size is None else eval_size
     cfg.eval_k = cfg.eval_k if eval_k is None else eval_k
     cfg.validate()  # names --eval-size / --eval-k

@@ -124,6 +124,16 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
     return advantages, (advantages + values) * mask
 
 
+def _group_index(values: Tensor, group_ids: Tensor, name: str) -> tuple[Tensor, int]:
+    """(E,) group index 0..G-1 of each episode and G, for (E,) ``values`` (called ``name`` in the error) and
+    ``group_ids`` of the same shape."""
+    if values.dim() != 1 or group_ids.shape != values.shape:
+        raise ValueError(f"{name} and group_ids must both be (E,), got {tuple(values.shape)} and "
+                         f"{tuple(group_ids.shape)}")
+    _, groups = torch.unique(group_ids, return_inverse=True)
+    return groups, int(groups.max()) + 1 if groups.numel() else 0
+
+
 def grpo_advantages(scores: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
     """Group-normalized advantages (E,): ``(s_i - mean_g) / (std_g + eps)`` within each prompt group g.
 
@@ -131,11 +141,7 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, scale: bool = True, eps: 
     deviation; a group of one episode gets advantage 0. ``scale=False`` skips the division
     (Dr. GRPO). Broadcast to tokens with ``advantages[:, None] * mask``.
     """
-    if scores.dim() != 1 or group_ids.shape != scores.shape:
-        raise ValueError(f"scores and group_ids must both be (E,), got {tuple(scores.shape)} and "
-                         f"{tuple(group_ids.shape)}")
-    _, groups = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    groups, n_groups = _group_index(scores, group_ids, "scores")
     scores = scores.float()
     count = scores.new_zeros(n_groups).index_add_(0, groups, torch.ones_like(scores))
     mean = scores.new_zeros(n_groups).index_add_(0, groups, scores) / count
@@ -235,11 +241,7 @@ def signal_episodes(rewards: Tensor, group_ids: Tensor) -> Tensor:
     A group whose rewards are all equal carries no reward signal: every group-relative advantage of it is 0
     (GRPO's exactly), and what whitened GAE advantages give it is critic error and KL shaping, not reward.
     """
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must both be (E,), got {tuple(rewards.shape)} and "
-                         f"{tuple(group_ids.shape)}")
-    _, groups = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    groups, n_groups = _group_index(rewards, group_ids, "rewards")
     rewards = rewards.double()
     high = rewards.new_full((n_groups,), -math.inf).scatter_reduce(0, groups, rewards, "amax")
     low = rewards.new_full((n_groups,), math.inf).scatter_reduce(0, groups, rewards, "amin")

@@ -6,7 +6,7 @@ import math
 import statistics
 
 import pytest
-from test_train_trainer import cfg_for, records, run, tiny
+from test_train_trainer import cfg_for, records, run, saved_tiny, tiny
 
 from ippo.train import cli, compare
 from ippo.train import evaluation as E
@@ -99,10 +99,7 @@ def test_final_eval_size_and_wall_budget(tmp_path):
 
 
 def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monkeypatch):
-    model_dir = tmp_path / "tiny-model"
-    model, tok = tiny()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
+    model_dir = saved_tiny(tmp_path)
     out = tmp_path / "cmp"
     args = ["compare", "--algos", "ppo,ippo", "--seeds", "0,1", "--out", str(out), "--model", str(model_dir),
             "--arith-steps", "1", "--arith-sizes", "40,8,8", "--lora-r", "4", "--lora-alpha", "8", "--sft-steps", "1",

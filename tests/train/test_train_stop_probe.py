@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train_trainer import cfg_for, lora_state, records, run, tiny
+from test_train_trainer import cfg_for, lora_state, records, run, saved_tiny
 
 from ippo.train import cli, report
 from ippo.train import ppo_math as pm
@@ -218,10 +218,7 @@ def test_faithfulness_auc_among_correct_episodes():
 
 
 def test_probe_command_end_to_end(tmp_path, capsys):
-    model_dir = tmp_path / "tiny-model"
-    model, tok = tiny()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
+    model_dir = saved_tiny(tmp_path)
     args = ["--model", str(model_dir), "--arith-steps", "1", "--arith-sizes", "40,12,8", "--lora-r", "4",
             "--lora-alpha", "8", "--sft-steps", "1", "--sft-batch", "2", "--prompts-per-iter", "2",
             "--samples-per-prompt", "3", "--max-new-tokens", "6", "--val-size", "2", "--minibatch", "4",

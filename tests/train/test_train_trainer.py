@@ -20,6 +20,15 @@ def tiny():
     return tiny_llama(len(TOK), hidden_size=32, num_layers=2), TOK
 
 
+def saved_tiny(tmp_path):
+    """The tiny model and tokenizer saved (safetensors) to tmp_path/tiny-model, for the command line; its path."""
+    model_dir = tmp_path / "tiny-model"
+    model, tok = tiny()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
 def cfg_for(tmp_path, **kw) -> T.Config:
     base = dict(model=str(tmp_path / "tiny-model"), arith_steps=1, arith_digits=1, arith_sizes="40,8,8",
                 lora_r=4, lora_alpha=8, sft_steps=2, sft_batch=4, iterations=1, prompts_per_iter=2,
@@ -410,10 +419,7 @@ def test_cli_help_explains_every_option(capsys):
 
 
 def test_cli_compare_eval_and_report(tmp_path, capsys):
-    model_dir = tmp_path / "tiny-model"
-    model, tok = tiny()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
+    model_dir = saved_tiny(tmp_path)
     args = ["--model", str(model_dir), "--arith-steps", "1", "--arith-sizes", "40,8,8", "--lora-r", "4",
             "--lora-alpha", "8", "--sft-steps", "1", "--sft-batch", "2", "--iterations", "1", "--prompts-per-iter",
             "1", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--val-size", "2", "--eval-size", "2",
