@@ -3,7 +3,8 @@ a completion only if a step on it lowers a validation loss.
 
 Both take TRL's own arguments and config unchanged, plus ``validation_dataset`` (rows with ``prompt`` and
 ``completion``: gold answers whose SFT loss is the validation loss), ``ippo_val_size`` (pairs drawn per generation
-batch, default 64), ``ippo_tol`` (default 0.0) and ``ippo_stop_when_empty`` (default True).
+batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or "paper"),
+``ippo_stop_patience`` (default 2) and ``ippo_stop_when_empty`` (default True).
 
 Once per generation batch, after TRL has generated, rewarded and computed advantages, and before any optimizer step
 on it (override point: ``_prepare_inputs``, right after TRL has shuffled the generation batch and split it into the
@@ -24,21 +25,30 @@ micro-batches it will train on):
    Trainer), and scoring runs it on exactly the micro-batches TRL trains on, so every normalization is TRL's own and
    s_i = <dl_i/dtheta, V> for l_i = row i's share of the loss TRL backpropagates, times 1/N on N processes (DDP
    averages the gradients). With beta > 0, GRPO's KL term (and an entropy bonus, if configured) is part of l_i.
-3. Keep rows with s_i > ``ippo_tol``; advantage *= s_i / mean(kept s), the mean over the kept rows of every process;
+3. Keep rows with s_i > ``ippo_tol`` (``ippo_stop_rule="evidence"``: and a non-zero advantage, i.e. reward
+   signal: a row whose advantage is 0 everywhere gets no policy gradient, so its score, which then comes from the
+   KL or entropy terms alone, decides nothing); advantage *= s_i / mean(kept s), the mean over the kept rows of
+   every process;
    dropped rows get advantage exactly 0 (this removes their policy-gradient term; GRPO's KL term and the entropy
    bonus do not scale with the advantage and keep acting on every row, as for any zero-advantage row in TRL).
-   The decision uses one all-reduce of five numbers, so every process takes the same one.
+   The decision uses one all-reduce of six numbers, so every process takes the same one.
 4. Nothing else changes: the scoring pass uses ``torch.autograd.grad`` (``.grad`` untouched), runs under a forked RNG
    (dropout in it does not shift TRL's sampling or training randomness), and TRL's metrics (and its adaptive entropy
    controller's state) are restored afterwards; it logs ``ippo/kept_fraction``, ``ippo/score_mean``,
-   ``ippo/score_pos_frac`` and ``ippo/scoring_seconds`` (validation gradient + scoring, this process) through TRL's
-   metrics, so they appear in the normal logs and report_to backends.
+   ``ippo/score_pos_frac``, ``ippo/signal_fraction`` (rows with a non-zero advantage) and ``ippo/scoring_seconds``
+   (validation gradient + scoring, this process) through TRL's metrics, so they appear in the normal logs and
+   report_to backends.
 
 With ``steps_per_generation`` > 1 or ``num_iterations`` > 1, the generation batch is scored once, when TRL generates
 it, and its reweighted advantages serve every micro-batch and iteration that reuses it.
 
-Intrinsic stop: when no row of the generation batch is kept on any process (and ``ippo_stop_when_empty``), the
-micro-batches of that batch run no forward/backward, the optimizer step that closes the current accumulation window
+Intrinsic stop (with ``ippo_stop_when_empty``): ``ippo_stop_rule="paper"`` stops at the first generation batch of
+which no row is kept on any process. ``"evidence"`` (the default) stops after ``ippo_stop_patience`` generation
+batches in a row that carry reward signal (a row with non-zero advantage on some process) and keep none of it; a
+batch without signal (every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the
+streak, and trains as plain TRL would (every advantage is 0). The streak lives in the trainer: it restarts at 0 when
+``train()`` starts, a resumed run included. At the stop, the micro-batches of that batch run no forward/backward,
+the optimizer step that closes the current accumulation window
 is skipped (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and
 scheduler state are those of the last update; gradients accumulated earlier in that window are discarded), and
 training stops: the Trainer logs that step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at
@@ -83,6 +93,7 @@ logger = logging.getLogger(__name__)
 # restores it, as it restores TRL's metrics.
 _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
+STOP_RULES = ("evidence", "paper")
 
 
 def _skipped_step(*args, **kwargs) -> None:
@@ -100,7 +111,7 @@ class _IPPOStopCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._trainer()
         if trainer is not None:
-            trainer.ippo_stopped = False
+            trainer.ippo_stopped, trainer._ippo_streak = False, 0
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
@@ -132,7 +143,8 @@ class _IPPOMixin:
     """The I-PPO filter for TRL's online trainers (GRPO, RLOO); see the module docstring."""
 
     def __init__(self, *args, validation_dataset=None, ippo_val_size: int = 64, ippo_tol: float = 0.0,
-                 ippo_stop_when_empty: bool = True, **kwargs):
+                 ippo_stop_rule: str = "evidence", ippo_stop_patience: int = 2, ippo_stop_when_empty: bool = True,
+                 **kwargs):
         name = type(self).__name__
         if validation_dataset is None or not hasattr(validation_dataset, "__getitem__"):
             raise ValueError(f"{name}: validation_dataset is required: a datasets.Dataset or a list of rows with "
@@ -146,10 +158,16 @@ class _IPPOMixin:
                 or ippo_tol < 0):
             raise ValueError(f"{name}: ippo_tol must be a finite number >= 0 (kept rows are weighted by s_i / mean of "
                              f"the kept scores, which needs positive kept scores); got {ippo_tol!r}")
+        if ippo_stop_rule not in STOP_RULES:
+            raise ValueError(f"{name}: ippo_stop_rule must be one of {STOP_RULES}; got {ippo_stop_rule!r}")
+        if isinstance(ippo_stop_patience, bool) or not isinstance(ippo_stop_patience, int) or ippo_stop_patience < 1:
+            raise ValueError(f"{name}: ippo_stop_patience must be an int >= 1; got {ippo_stop_patience!r}")
         super().__init__(*args, **kwargs)
         self.ippo_validation_dataset = validation_dataset
         self.ippo_val_size, self.ippo_tol = ippo_val_size, float(ippo_tol)
+        self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, ippo_stop_patience
         self.ippo_stop_when_empty = bool(ippo_stop_when_empty)
+        self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop (reset when train() starts)
         self._ippo_val_cache: dict[int, tuple[list[int], list[int]]] = {}
         self._ippo_lora_weights()  # refuses unsupported set-ups now rather than at the first generation batch
@@ -355,20 +373,24 @@ class _IPPOMixin:
 
     def _ippo_filter(self, batches: list[dict[str, Any]]) -> None:
         """Scores every row of this process's micro-batches of one generation batch and rewrites their advantages in
-        place (kept: x s_i / mean(kept s); dropped: 0); logs the ippo/* metrics; sets ``ippo_stopped`` when nothing
-        is kept on any process (and ``ippo_stop_when_empty``)."""
+        place (kept: x s_i / mean(kept s); dropped: 0); logs the ippo/* metrics; sets ``ippo_stopped`` per
+        ``ippo_stop_rule`` (and ``ippo_stop_when_empty``)."""
         start = time.perf_counter()
         with self._ippo_isolated():
             val_grads = self._ippo_validation_gradients(self._ippo_validation_indices())
             scores = self._ippo_scores(batches, val_grads)
         device = self.accelerator.device
         local = torch.cat(scores).to(device) if scores else torch.zeros(0, dtype=torch.float64, device=device)
+        signal = [b["advantages"].reshape(len(b["advantages"]), -1).ne(0).any(1) for b in batches]  # reward signal
+        signal = torch.cat(signal).to(device) if signal else torch.zeros(0, dtype=torch.bool, device=device)
         keep = local > self.ippo_tol
+        if self.ippo_stop_rule == "evidence":
+            keep &= signal
         stats = torch.stack([torch.where(keep, local, 0.0).sum(), keep.sum().double(), local.new_tensor(local.numel()),
-                             (local > 0).sum().double(), local.sum()])
+                             (local > 0).sum().double(), local.sum(), signal.sum().double()])
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
-        kept_sum, kept, rows, positive, total = stats.tolist()
+        kept_sum, kept, rows, positive, total, signal_rows = stats.tolist()
         weights = torch.where(keep, local / (kept_sum / kept), 0.0) if kept else torch.zeros_like(local)
         offset = 0
         for batch, batch_scores in zip(batches, scores):
@@ -382,12 +404,22 @@ class _IPPOMixin:
         metrics["ippo/kept_fraction"].append(kept / max(rows, 1.0))
         metrics["ippo/score_mean"].append(total / max(rows, 1.0))
         metrics["ippo/score_pos_frac"].append(positive / max(rows, 1.0))
+        metrics["ippo/signal_fraction"].append(signal_rows / max(rows, 1.0))
         metrics["ippo/scoring_seconds"].append(time.perf_counter() - start)
-        if not kept and self.ippo_stop_when_empty:
+        if self.ippo_stop_rule == "paper":
+            empty = not kept
+        else:
+            if signal_rows:
+                self._ippo_streak = 0 if kept else self._ippo_streak + 1
+            empty = self._ippo_streak >= self.ippo_stop_patience
+        if empty and self.ippo_stop_when_empty:
             self.ippo_stopped = True
-            logger.warning("I-PPO: no completion of the generation batch at step %d has an influence score above "
-                           "ippo_tol=%g (%d rows, %d with a positive score); stopping training without an update on "
-                           "it", self.state.global_step, self.ippo_tol, int(rows), int(positive))
+            logger.warning("I-PPO: no completion of the generation batch at step %d%s has an influence score above "
+                           "ippo_tol=%g (%d rows, %d with reward signal, %d with a positive score); stopping training "
+                           "without an update on it", self.state.global_step,
+                           "" if self.ippo_stop_rule == "paper" else
+                           f" (batch {self._ippo_streak} in a row with reward signal and nothing kept)",
+                           self.ippo_tol, int(rows), int(signal_rows), int(positive))
 
     # ---- TRL hooks ---------------------------------------------------------------------------------------------
 
@@ -414,11 +446,13 @@ class _IPPOMixin:
 
 class IPPOGRPOTrainer(_IPPOMixin, GRPOTrainer):
     """TRL's ``GRPOTrainer`` with the I-PPO filter: keeps a completion only if its influence score on the validation
-    loss is above ``ippo_tol``, weights the kept ones by score / mean kept score, stops when none is kept.
+    loss is above ``ippo_tol``, weights the kept ones by score / mean kept score, stops when none is kept
+    (``ippo_stop_rule``).
 
     Extra keyword arguments (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (rows with ``prompt`` and
     ``completion``, the gold answers), ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol``
-    (default 0.0), ``ippo_stop_when_empty`` (default True). See ``ippo.integrations.trl``'s docstring.
+    (default 0.0), ``ippo_stop_rule`` ("evidence" or "paper"), ``ippo_stop_patience`` (default 2),
+    ``ippo_stop_when_empty`` (default True). See ``ippo.integrations.trl``'s docstring.
     """
 
     _tag_names = ["trl", "grpo", "ippo"]

@@ -3,7 +3,7 @@
 
 Three short IPPOGRPOTrainer runs on every rank, each saving ``OUT_DIR/<run>-rank<r>.pt``: "real" (real scores, 2
 steps), "mixed" (rank 0's scores forced to -1, rank 1's to +1: rank 0 keeps nothing, yet no rank stops) and "empty"
-(every score forced to -1: both ranks stop at the first generation batch)."""
+(every score forced to -1, ``ippo_stop_patience=1``: both ranks stop at the first generation batch)."""
 
 import os
 import sys
@@ -28,7 +28,8 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     for name, force in (("real", None), ("mixed", forced([-1.0, 1.0])), ("empty", forced([-1.0, -1.0]))):
-        trainer = make_trainer(RecordingGRPO, out / name, max_steps=2, force_scores=force, **SETTINGS)
+        trainer = make_trainer(RecordingGRPO, out / name, max_steps=2, force_scores=force,
+                               ippo_stop_patience=1 if name == "empty" else 2, **SETTINGS)
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
         initial = lora_state(trainer.model)
         trainer.train()

@@ -152,17 +152,19 @@ RecordingRLOO = recording(IPPORLOOTrainer)
 
 def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, perturb=False, ippo=True, **overrides):
     """A trainer of class ``cls`` on the tiny model; ``overrides`` go to the config, except the trainer keywords
-    (validation_dataset, ippo_*, force_scores)."""
+    (validation_dataset, reward_funcs, ippo_*, force_scores)."""
     tok = tok or tokenizer()
     model = model if model is not None else tiny_model(tok)
-    trainer_keys = {"ippo_val_size", "ippo_tol", "ippo_stop_when_empty", "force_scores", "validation_dataset"}
+    trainer_keys = {"ippo_val_size", "ippo_tol", "ippo_stop_rule", "ippo_stop_patience", "ippo_stop_when_empty",
+                    "force_scores", "validation_dataset", "reward_funcs"}
     extra = {k: overrides.pop(k) for k in list(overrides) if k in trainer_keys}
     if ippo:
         extra.setdefault("validation_dataset", validation_dataset())
     if config_cls is None:
         config_cls = RLOOConfig if "RLOO" in cls.__name__ else GRPOConfig
     args = config(output_dir, cls=config_cls, **overrides)
-    trainer = cls(model=model, reward_funcs=reward, args=args, train_dataset=train_dataset(overrides.get("n", 8)),
+    extra.setdefault("reward_funcs", reward)
+    trainer = cls(model=model, args=args, train_dataset=train_dataset(overrides.get("n", 8)),
                   processing_class=tok, **extra)
     if perturb:
         perturb_adapter(trainer.model)

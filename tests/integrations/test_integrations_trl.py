@@ -7,6 +7,8 @@ configs, CPU. The checklist of the issue:
 (c) the scoring pass leaves parameters, .grad, RNG and TRL's metrics unchanged: test_scoring_pass_has_no_side_effects;
 (d) all scores forced positive and equal = plain GRPOTrainer bit for bit: test_equal_scores_reproduce_plain_trainer;
 (e) all scores <= 0: stop, no optimizer step, LoRA unchanged, final checkpoint: test_no_kept_row_stops_without_update;
+    the evidence rule (default) stops only after ippo_stop_patience batches with reward signal:
+    test_evidence_rule_needs_signal, test_evidence_rule_patience;
 (f) steps_per_generation > 1 and num_iterations > 1: test_scored_once_per_generation_batch;
 (g) 2 processes (torchrun, gloo): test_two_process_gloo.
 """
@@ -103,11 +105,12 @@ def check_scores(trainer, record, scale):
         torch.testing.assert_close(scores, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
 
 
-def check_weights(record, tol=0.0):
+def check_weights(record, tol=0.0, rule="evidence"):
     scores = torch.cat(record["scores"])
-    keep = scores > tol
-    mean = scores[keep].mean()
     before = torch.cat([b["advantages"] for b in record["before"]])
+    signal = before.reshape(len(before), -1).ne(0).any(1)
+    keep = (scores > tol) & (signal if rule == "evidence" else True)
+    mean = scores[keep].mean()
     after = torch.cat(record["after"])
     assert after.dtype == before.dtype and after.shape == before.shape
     assert torch.all(after[~keep] == 0)
@@ -116,6 +119,7 @@ def check_weights(record, tol=0.0):
     assert metrics["ippo/kept_fraction"][-1] == pytest.approx(keep.double().mean().item())
     assert metrics["ippo/score_pos_frac"][-1] == pytest.approx((scores > 0).double().mean().item())
     assert metrics["ippo/score_mean"][-1] == pytest.approx(scores.mean().item())
+    assert metrics["ippo/signal_fraction"][-1] == pytest.approx(signal.double().mean().item())
     assert metrics["ippo/scoring_seconds"][-1] > 0
 
 
@@ -141,7 +145,8 @@ def test_scoring_pass_has_no_side_effects(grpo_run):  # (c)
     before, after = record["metrics"], record["metrics_after"]
     assert {k: v for k, v in after.items() if not k.startswith("ippo/")} == before
     assert {k: len(v) for k, v in after.items() if k.startswith("ippo/")} == {
-        "ippo/kept_fraction": 1, "ippo/score_mean": 1, "ippo/score_pos_frac": 1, "ippo/scoring_seconds": 1}
+        "ippo/kept_fraction": 1, "ippo/score_mean": 1, "ippo/score_pos_frac": 1, "ippo/signal_fraction": 1,
+        "ippo/scoring_seconds": 1}
 
 
 def test_ippo_metrics_in_trl_logs(grpo_run):
@@ -149,7 +154,8 @@ def test_ippo_metrics_in_trl_logs(grpo_run):
     logged = [h for h in trainer.state.log_history if "ippo/kept_fraction" in h]
     assert len(logged) == 1
     assert logged[0]["ippo/kept_fraction"] == pytest.approx(record["metrics_after"]["ippo/kept_fraction"][-1])
-    assert {"ippo/score_mean", "ippo/score_pos_frac", "ippo/scoring_seconds", "reward", "entropy"} <= set(logged[0])
+    assert {"ippo/score_mean", "ippo/score_pos_frac", "ippo/signal_fraction", "ippo/scoring_seconds", "reward",
+            "entropy"} <= set(logged[0])
 
 
 def test_rloo_scores_and_weights(rloo_run):  # (a), (b) and (c) for RLOO
@@ -189,7 +195,7 @@ def test_equal_scores_reproduce_plain_trainer(tmp_path, plain, ippo, settings): 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_no_kept_row_stops_without_update(tmp_path, accumulation):  # (e)
     trainer = make_trainer(RecordingGRPO, tmp_path, max_steps=3, gradient_accumulation_steps=accumulation, beta=0.1,
-                           perturb=True, save_strategy="steps", save_steps=100,
+                           perturb=True, save_strategy="steps", save_steps=100, ippo_stop_rule="paper",
                            force_scores=lambda s, t: torch.where(s > 0, -s, s))  # every score <= 0
     initial = lora_state(trainer.model)
     trainer.train()
@@ -220,6 +226,56 @@ def test_stop_when_empty_false_continues(tmp_path):
     trainer.train()
     assert not trainer.ippo_stopped and trainer.state.global_step == 2 and len(trainer.records) == 2
     assert all(torch.all(a == 0) for r in trainer.records for a in r["after"])
+
+
+def test_evidence_rule_needs_signal(tmp_path):
+    # every reward equal: no row has an advantage, so no batch is evidence and training goes on (paper's rule: stop)
+    settings = dict(max_steps=3, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                    force_scores=lambda s, t: -torch.ones_like(s))
+    trainer = make_trainer(RecordingGRPO, tmp_path / "evidence", **settings)
+    trainer.train()
+    assert not trainer.ippo_stopped and trainer.state.global_step == 3 and len(trainer.records) == 3
+    assert all(torch.all(torch.cat([b["advantages"] for b in r["before"]]) == 0) for r in trainer.records)
+    assert [r["metrics_after"]["ippo/signal_fraction"][-1] for r in trainer.records] == [0.0, 0.0, 0.0]
+    paper = make_trainer(RecordingGRPO, tmp_path / "paper", ippo_stop_rule="paper", **settings)
+    paper.train()
+    assert paper.ippo_stopped and paper.state.global_step == 1
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_evidence_rule_patience(tmp_path, patience):
+    # rewards with signal, nothing kept: the stop comes at the patience-th generation batch
+    trainer = make_trainer(RecordingGRPO, tmp_path, max_steps=4, ippo_stop_patience=patience,
+                           force_scores=lambda s, t: -s.abs())
+    trainer.train()
+    assert all(r["metrics_after"]["ippo/signal_fraction"][-1] > 0 for r in trainer.records)
+    assert trainer.ippo_stopped and trainer.state.global_step == patience and len(trainer.records) == patience
+    for record in trainer.records:
+        assert all(torch.all(a == 0) for a in record["after"])
+
+
+def test_evidence_rule_drops_rows_without_signal(tmp_path):
+    # positive scores everywhere: only the rows with a non-zero advantage are kept, the weights use their scores alone
+    def reward(completions, prompts, **kwargs):  # the same reward for every completion of a prompt with a "+"
+        return [1.0 if "+" in p else float(sum(map(ord, c)) % 5) for p, c in zip(prompts, completions)]
+
+    trainer = make_trainer(RecordingGRPO, tmp_path, max_steps=4, reward_funcs=reward, per_device_train_batch_size=8,
+                           force_scores=lambda s, t: s.abs() + 1)
+    trainer.train()
+    fractions = []
+    for record in trainer.records:
+        before = torch.cat([b["advantages"] for b in record["before"]])
+        fractions.append(before.ne(0).double().mean().item())
+        check_weights(record | {"scores": [s.abs() + 1 for s in record["scores"]]})
+    assert any(0 < f < 1 for f in fractions), f"the test needs rows with and without signal: {fractions}"
+
+
+def test_stop_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="ippo_stop_rule"):
+        make_trainer(IPPOGRPOTrainer, tmp_path, ippo_stop_rule="never")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="ippo_stop_patience"):
+            make_trainer(IPPOGRPOTrainer, tmp_path, ippo_stop_patience=bad)
 
 
 def test_scored_once_per_generation_batch(tmp_path):  # (f)
@@ -361,7 +417,7 @@ def test_kernels_do_not_import_trl():
 
 
 def test_rloo_stops(tmp_path):
-    trainer = make_trainer(IPPORLOOTrainer, tmp_path, max_steps=3)
+    trainer = make_trainer(IPPORLOOTrainer, tmp_path, max_steps=3, ippo_stop_rule="paper")
     initial = lora_state(trainer.model)
     trainer._ippo_scores = lambda batches, val_grads: [torch.zeros(len(b["advantages"]), dtype=torch.float64)
                                                         for b in batches]
