@@ -89,23 +89,32 @@ def parse_sets(pairs: list[str], cfg) -> dict:
 
 def scoring_study(L, rounds: int, restore) -> dict:
     """Seconds and peak memory of ``score_episodes`` on one buffer: as the trainer runs it ("now": micro-batches of
-    ``minibatch`` episodes, validation gradient in micro-batches of ``val_batch``) and with those steps undone, up
-    to the way it ran before ("before": the buffer and the validation pairs each in one batch)."""
+    ``minibatch`` episodes, validation gradient in micro-batches of ``val_batch``, no LoRA weight gradients) and
+    with those steps undone one by one, up to the way it ran before ("before": LoRA weight gradients computed, the
+    buffer and the validation pairs each in one batch)."""
     import torch
 
+    import ippo.kernels
     from ippo.train import trainer as T
+
+    real_scorer = ippo.kernels.InfluenceScorer
+
+    def with_lora_grads(*args, **kwargs):  # the trainer before it passed lora_grads=False
+        return real_scorer(*args, **(kwargs | {"lora_grads": True}))
 
     restore()
     buf = T.rollout(L, 1)
     T.compute_advantages(L.cfg, buf)
     val_examples = random.Random(2).sample(L.task.split("validation"), L.cfg.val_size)
     real_batches, n = T.length_batches, len(buf.ro.texts)
-    modes = {"now": {}, "one scoring batch": {"one_batch": True},
-             "before": {"one_batch": True, "val_batch": L.cfg.val_size}}
+    modes = {"now": {}, "LoRA weight grads": {"lora_grads": True},
+             "one scoring batch": {"lora_grads": True, "one_batch": True},
+             "before": {"lora_grads": True, "one_batch": True, "val_batch": L.cfg.val_size}}
     results = {m: [] for m in modes}
     for r in range(rounds):
         for mode, how in (modes.items() if r % 2 == 0 else reversed(modes.items())):
             T.length_batches = (lambda ro, b: real_batches(ro, n)) if how.get("one_batch") else real_batches
+            ippo.kernels.InfluenceScorer = with_lora_grads if how.get("lora_grads") else real_scorer
             cfg = dataclasses.replace(L.cfg, val_batch=how.get("val_batch", L.cfg.val_batch))
             timing = Counter()
             with PeakRSS() as mem:
@@ -117,7 +126,7 @@ def scoring_study(L, rounds: int, restore) -> dict:
             row = results[mode][-1]
             print(f"scoring study round {r} {mode:18s}: val_grad {row['val_grad']:.1f}s, "
                   f"scoring {row['scoring']:.1f}s, peak +{row['peak_over_start_gib']:.2f} GiB", flush=True)
-    T.length_batches = real_batches
+    T.length_batches, ippo.kernels.InfluenceScorer = real_batches, real_scorer
     ref = torch.tensor(results["before"][0]["scores"])
     out = {}
     for mode, rows in results.items():

@@ -274,7 +274,7 @@ def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollou
     The validation gradient is accumulated over micro-batches of ``val_batch`` pairs; then one backward of
     sum_i actor_loss_i inside an InfluenceScorer per micro-batch of ``minibatch`` episodes (the micro-batches of
     ``buffer_logprobs``, so the log-probs equal ``old_logp`` and the ratio is 1: the sampling policy), so the
-    memory is that of one PPO minibatch. The gradients it leaves are zeroed (the update runs its own backward
+    memory is that of one PPO minibatch. No LoRA ``.grad`` is written (the update runs its own backward
     passes). ``ro.mask`` must be a valid mask (``sample`` makes one; ``rollout`` checks it).
 
     A pass of its own, after the rollout's no-grad forward, because whitened advantages need the whole buffer's
@@ -285,7 +285,6 @@ def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollou
     val = validation_gradient(lm, tokenizer, task, val_examples, cfg.val_batch)
     t1 = time.perf_counter()
     scores, sketched = actor_backwards(lm, cfg, ro, old_logp, advantages, val, sketches)
-    lm.zero_grad(set_to_none=True)
     timing["val_grad"] += t1 - t0
     timing["scoring"] += time.perf_counter() - t1
     return (scores, sketched) if sketches else scores
@@ -296,7 +295,8 @@ def actor_backwards(lm: nn.Module, cfg: Config, ro: Rollout, old_logp: Tensor, a
     """Per micro-batch of ``minibatch`` episodes (``buffer_logprobs``'s, so the log-probs equal ``old_logp`` and the
     ratio is 1: the sampling policy), one backward of sum_i actor_loss_i inside an InfluenceScorer; returns the
     scores (E,) against the validation gradient ``val`` and, with ``sketches``, the (E, ``sketch_dim``) sketches
-    (``sketch_seed``) from the same backward. ``val=None``: sketches only, and the LoRA ``.grad`` are left alone."""
+    (``sketch_seed``) from the same backward. ``val=None``: sketches only. The LoRA weight gradients are not
+    computed (``lora_grads=False``: two fewer GEMMs per layer, x~ not kept) and their ``.grad`` are left alone."""
     from ippo.kernels import InfluenceScorer
 
     n, sketch = len(ro.texts), dict(sketch_dim=cfg.sketch_dim, sketch_seed=cfg.sketch_seed) if sketches else {}
@@ -304,8 +304,7 @@ def actor_backwards(lm: nn.Module, cfg: Config, ro: Rollout, old_logp: Tensor, a
     for rows in length_batches(ro, cfg.minibatch):
         sub = trim_rows(ro, rows)
         width = sub.mask.shape[1]
-        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=val is not None,
-                             **sketch) as scorer:
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=False, **sketch) as scorer:
             logp, _ = response_logprobs(lm, sub, temperature=cfg.temperature)
             per_episode, _ = pm.policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], sub.mask,
                                             cfg.clip, mask_checked=True)
@@ -357,7 +356,7 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
     for rows in length_batches(ro, cfg.minibatch):
         sub = trim_rows(ro, rows)
         width = sub.mask.shape[1]
-        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), **sketch) as scorer:
+        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=False, **sketch) as scorer:
             logp, values = response_logprobs(lm, sub, value_head=L.critic, temperature=cfg.temperature)
             part = Buffer(sub, buf.rewards[rows], 0, logp.detach() * sub.mask, buf.ref_logp[rows, :width],
                           values.detach() * sub.mask)
@@ -370,7 +369,6 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
         old_values = put_rows(old_values, rows, part.old_values, ro.mask.shape)
         if sketches:
             sketched = put_rows(sketched, rows, scorer.sketches, (len(ro.texts), cfg.sketch_dim))
-    lm.zero_grad(set_to_none=True)
     buf.old_logp, buf.old_values = old_logp, old_values
     timing["val_grad"] += t1 - t0
     timing["scoring"] += time.perf_counter() - t1
