@@ -2,7 +2,7 @@
 # One command for a GPU machine without internet (torch, triton, CUDA toolkit, pybind11, cmake installed):
 # builds ippo (with the CUDA extension), runs the GPU tests, the CUDA parity script and the benchmark suite,
 # the end-to-end I-PPO iteration breakdown, and writes results, tables and plots to OUT_DIR. At most
-# 460 s of stage limits (about 8 minutes on one H100).
+# 490 s of stage limits (about 8 minutes on one H100).
 #   bash benchmarks/run_gpu.sh OUT_DIR
 # Each stage has its own time limit, so one slow stage cannot eat the others; a stage's failure is reported
 # and the next stage still runs. Subset of benchmark configurations: IPPO_BENCH_CONFIGS="name,name".
@@ -28,6 +28,6 @@ stage tests 75 python -m pytest -q -x tests/test_influence_op.py tests/test_sket
   tests/test_scorer.py tests/test_baselines.py  # tests/test_cuda_backend.py: run by cuda_parity
 stage cuda_parity 45 python benchmarks/run_cuda_parity.py "$out"
 stage benchmarks 180 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider
-stage e2e_ippo 45 python benchmarks/e2e_ippo_iteration.py "$out"
+stage e2e_ippo 75 python benchmarks/e2e_ippo_iteration.py "$out" --prompts 32  # 256 episodes, the paper's buffer
 stage report 15 python benchmarks/report.py "$out/cuda.json" --out "$out"
 exit $status
