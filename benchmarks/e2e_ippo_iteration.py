@@ -233,7 +233,7 @@ def main(argv=None) -> None:
             return [float(coin.random() < 0.5) for _ in completions]
 
     # resume=True only skips the base model's eval; the SFT warm start comes from its cache (or is trained once)
-    L, _, sft_info = T._setup(cfg, args.out / "run", True, model_and_tokenizer, reward_fn, print, False)
+    L, _, sft_info = T.setup_learner(cfg, args.out / "run", True, model_and_tokenizer, reward_fn, print, False)
     snapshot = copy.deepcopy((T.trainable_state(L.lm), L.value_head.state_dict(), L.opt.state_dict(),
                               L.rng.getstate()))
     coin_state = coin.getstate() if not real else None

@@ -61,7 +61,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
-    L, _, _ = T._setup(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
+    L, _, _ = T.setup_learner(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
     val_split = L.task.split("validation")
     if stability and 2 * cfg.val_size > len(val_split):
         raise ValueError(f"--val-size {cfg.val_size}: two disjoint draws need {2 * cfg.val_size} validation "

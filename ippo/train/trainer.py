@@ -594,7 +594,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint = _check_run_dir(cfg, run_dir, resume)
 
-    learner, base_eval, sft_info = _setup(cfg, run_dir, resume, model_and_tokenizer, reward_fn, log, progress)
+    learner, base_eval, sft_info = setup_learner(cfg, run_dir, resume, model_and_tokenizer, reward_fn, log, progress)
 
     def emit(record: dict) -> None:
         with metrics_path.open("a", encoding="utf-8") as f:
@@ -684,10 +684,11 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> CheckpointFiles 
     return checkpoint
 
 
-def _setup(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer, reward_fn: RewardFn | None, log,
-           progress: bool) -> tuple[Learner, dict | None, dict]:
+def setup_learner(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer, reward_fn: RewardFn | None,
+                  log, progress: bool) -> tuple[Learner, dict | None, dict]:
     """Task, model, LoRA, value head, the SFT warm start, optimizer and prompt RNG of a run; returns them as a
-    :class:`Learner`, with the base model's eval (fresh runs with a warm start) and the warm start's info."""
+    :class:`Learner`, with the base model's eval (fresh runs with a warm start) and the warm start's info. Also
+    used by ``ippo probe`` and benchmarks/e2e_ippo_iteration.py, which run single iterations."""
     # ---- data and model (all failures here happen before any work is done)
     task = build_task(cfg)
     if model_and_tokenizer is None:
