@@ -292,23 +292,34 @@ def score_episodes(lm: nn.Module, tokenizer, task: Task, cfg: Config, ro: Rollou
 
 def actor_backwards(lm: nn.Module, cfg: Config, ro: Rollout, old_logp: Tensor, advantages: Tensor,
                     val: dict | None, sketches: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Per micro-batch of ``minibatch`` episodes (``buffer_logprobs``'s, so the log-probs equal ``old_logp`` and the
-    ratio is 1: the sampling policy), one backward of sum_i actor_loss_i inside an InfluenceScorer; returns the
-    scores (E,) against the validation gradient ``val`` and, with ``sketches``, the (E, ``sketch_dim``) sketches
-    (``sketch_seed``) from the same backward. ``val=None``: sketches only. The LoRA weight gradients are not
-    computed (``lora_grads=False``: two fewer GEMMs per layer, x~ not kept) and their ``.grad`` are left alone."""
+    """:func:`scored_backwards` of the actor losses at the sampling policy: per micro-batch (``buffer_logprobs``'s,
+    so the log-probs equal ``old_logp`` and the ratio is 1), the clipped loss with ``advantages``."""
+
+    def actor_loss(rows: Tensor, sub: Rollout) -> Tensor:
+        width = sub.mask.shape[1]
+        logp, _ = response_logprobs(lm, sub, temperature=cfg.temperature)
+        return pm.policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], sub.mask, cfg.clip,
+                              mask_checked=True)[0]
+
+    return scored_backwards(lm, cfg, ro, val, sketches, actor_loss)
+
+
+def scored_backwards(lm: nn.Module, cfg: Config, ro: Rollout, val: dict | None, sketches: bool,
+                     actor_loss: Callable[[Tensor, Rollout], Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """Per micro-batch of ``minibatch`` episodes of similar length (rows, and ``sub``: those rows with their padding
+    columns cut), one backward of sum_i ``actor_loss(rows, sub)``_i (a forward and the (rows,) per-episode losses)
+    inside an InfluenceScorer; returns the scores (E,) against the validation gradient ``val`` and, with
+    ``sketches``, the (E, ``sketch_dim``) sketches (``sketch_seed``) from the same backward. ``val=None``: sketches
+    only. The LoRA weight gradients are not computed (``lora_grads=False``: two fewer GEMMs per layer, x~ not
+    kept) and their ``.grad`` are left alone."""
     from ippo.kernels import InfluenceScorer
 
     n, sketch = len(ro.texts), dict(sketch_dim=cfg.sketch_dim, sketch_seed=cfg.sketch_seed) if sketches else {}
     scores = sketched = None
     for rows in length_batches(ro, cfg.minibatch):
         sub = trim_rows(ro, rows)
-        width = sub.mask.shape[1]
         with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=False, **sketch) as scorer:
-            logp, _ = response_logprobs(lm, sub, temperature=cfg.temperature)
-            per_episode, _ = pm.policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], sub.mask,
-                                            cfg.clip, mask_checked=True)
-            per_episode.sum().backward()  # the sum of per-episode actor losses: one backward scores them all
+            actor_loss(rows, sub).sum().backward()  # the sum of per-episode losses: one backward scores them all
         if val is not None:
             scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (n, 1))
         if sketches:
@@ -343,36 +354,27 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
     the whole buffer's activations. So the trainer uses this path only with ``--no-whiten``, and
     :func:`score_episodes` otherwise.
     """
-    from ippo.kernels import InfluenceScorer
-
     cfg, ro, lm = L.cfg, buf.ro, L.lm
     if cfg.whiten:
         raise ValueError("score_in_rollout needs per-episode advantages (whiten=False); see its docstring")
     t0 = time.perf_counter()
     val = validation_gradient(lm, L.tokenizer, L.task, val_examples, cfg.val_batch)
     t1 = time.perf_counter()
-    scores = old_logp = old_values = sketched = None
-    sketch = dict(sketch_dim=cfg.sketch_dim, sketch_seed=cfg.sketch_seed) if sketches else {}
-    for rows in length_batches(ro, cfg.minibatch):
-        sub = trim_rows(ro, rows)
-        width = sub.mask.shape[1]
-        with InfluenceScorer(lm, val, episode_segments(sub), len(rows), lora_grads=False, **sketch) as scorer:
-            logp, values = response_logprobs(lm, sub, value_head=L.critic, temperature=cfg.temperature)
-            part = Buffer(sub, buf.rewards[rows], 0, logp.detach() * sub.mask, buf.ref_logp[rows, :width],
-                          values.detach() * sub.mask)
-            compute_advantages(cfg, part)
-            per_episode, _ = pm.policy_loss(logp, logp.detach(), part.advantages, sub.mask, cfg.clip,
-                                            mask_checked=True)
-            per_episode.sum().backward()
-        scores = put_rows(scores, rows, scorer.scores.detach()[:, None], (len(ro.texts), 1))
-        old_logp = put_rows(old_logp, rows, part.old_logp, ro.mask.shape)
-        old_values = put_rows(old_values, rows, part.old_values, ro.mask.shape)
-        if sketches:
-            sketched = put_rows(sketched, rows, scorer.sketches, (len(ro.texts), cfg.sketch_dim))
-    buf.old_logp, buf.old_values = old_logp, old_values
+    buf.old_logp = buf.old_values = None
+
+    def actor_loss(rows: Tensor, sub: Rollout) -> Tensor:  # also fills buf.old_logp and buf.old_values
+        logp, values = response_logprobs(lm, sub, value_head=L.critic, temperature=cfg.temperature)
+        part = Buffer(sub, buf.rewards[rows], 0, logp.detach() * sub.mask, buf.ref_logp[rows, :sub.mask.shape[1]],
+                      values.detach() * sub.mask)
+        compute_advantages(cfg, part)
+        buf.old_logp = put_rows(buf.old_logp, rows, part.old_logp, ro.mask.shape)
+        buf.old_values = put_rows(buf.old_values, rows, part.old_values, ro.mask.shape)
+        return pm.policy_loss(logp, logp.detach(), part.advantages, sub.mask, cfg.clip, mask_checked=True)[0]
+
+    scores, sketched = scored_backwards(lm, cfg, ro, val, sketches, actor_loss)
     timing["val_grad"] += t1 - t0
     timing["scoring"] += time.perf_counter() - t1
-    return (scores[:, 0], sketched) if sketches else scores[:, 0]
+    return (scores, sketched) if sketches else scores
 
 
 def episode_segments(ro: Rollout) -> Tensor:
