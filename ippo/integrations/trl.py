@@ -48,12 +48,12 @@ batches in a row that carry reward signal (a row with non-zero advantage on some
 batch without signal (every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the
 streak, and trains as plain TRL would (every advantage is 0). The streak lives in the trainer: it restarts at 0 when
 ``train()`` starts, a resumed run included. At the stop, the micro-batches of that batch run no forward/backward,
-the optimizer step that closes the current accumulation window
-is skipped (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and
-scheduler state are those of the last update; gradients accumulated earlier in that window are discarded), and
-training stops: the Trainer logs that step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at
-``max_steps`` (``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then
-True. ``global_step`` counts that window.
+the optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and
+``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and scheduler state are those of the
+last update; gradients accumulated earlier in that window are discarded), and training stops: the Trainer logs that
+step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at ``max_steps``
+(``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then True.
+``global_step`` counts that window.
 
 Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded LoRA parameters),
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
