@@ -21,6 +21,7 @@ from ippo.train.tasks import Task, make_task
 
 ALGOS = ("sft", "ppo", "grpo", "ippo")
 STOP_RULES = ("evidence", "paper")
+KEEP_BY = ("score", "random")
 SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
 MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
 
@@ -100,6 +101,10 @@ class Config:
                          "were all dropped; 'paper' filters every episode and stops at the first iteration with none "
                          "kept. Default evidence: at the main job's SFT warm start the paper's rule stopped on 5 of 11 "
                          "all-correct buffers, i.e. on reward-free noise (reports/probes/README.md)")
+    keep_by: str = opt("score", "ippo: 'score' (the filter); 'random' (a control for the scores): keep as many "
+                       "episodes as the scores would, drawn at random (seeded by --seed and the iteration) among the "
+                       "episodes the filter may keep (with reward signal, under --stop-rule evidence), each with "
+                       "weight 1; scores, stop rule and cost unchanged")
     stop_patience: int = opt(2, "ippo --stop-rule evidence: consecutive iterations with reward signal and no kept "
                              "episode before the stop")
     reward_noise: float = opt(0.0, "probe: flip the binary reward of round(p * episodes) episodes per iteration "
@@ -158,6 +163,8 @@ class Config:
         arith_sizes(self)
         if self.algo == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
+        if self.keep_by not in KEEP_BY:
+            raise ValueError(f"--keep-by must be one of {KEEP_BY}, got {self.keep_by!r}")
         if self.stop_rule not in STOP_RULES:
             raise ValueError(f"--stop-rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
         if self.algo == "ippo" and self.stop_rule == "evidence" and self.samples_per_prompt < 2:

@@ -235,6 +235,22 @@ def ippo_filter(scores: Tensor, tol: float = 0.0, signal: Tensor | None = None) 
     return FilterResult(keep, torch.where(keep, scores / scores[keep].mean(), 0.0), False)
 
 
+def random_keep(keep: Tensor, candidates: Tensor, seed: int) -> FilterResult:
+    """The random control of a filter decision ``keep`` (E,) bool: as many episodes, drawn uniformly without
+    replacement (torch generator seeded with ``seed``) among ``candidates`` (E,) bool (which must hold every kept
+    one), each with weight 1; ``stop`` is False (the stop is the filter's decision, not the control's)."""
+    if keep.shape != candidates.shape or keep.dim() != 1:
+        raise ValueError(f"keep and candidates must be (E,) alike, got {tuple(keep.shape)} and "
+                         f"{tuple(candidates.shape)}")
+    if (keep & ~candidates).any():
+        raise ValueError("keep must lie within candidates")
+    pool = torch.nonzero(candidates).squeeze(1)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).to(pool.device)
+    chosen = torch.zeros_like(keep)
+    chosen[pool[order[:int(keep.sum())]]] = True
+    return FilterResult(chosen, chosen.float(), False)
+
+
 def signal_episodes(rewards: Tensor, group_ids: Tensor) -> Tensor:
     """(E,) bool: the episode's prompt group holds two different rewards.
 

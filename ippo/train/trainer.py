@@ -479,7 +479,8 @@ def filter_episodes(L: Learner, buf: Buffer, scores: Tensor, record: dict) -> pm
     """The I-PPO filter under ``--stop-rule``: paper: keep s_i > tol, stop when none is kept; evidence: keep s_i > tol
     among episodes with reward signal (ppo_math.signal_episodes), stop per ppo_math.evidence_stop (streak in
     ``L.empty_streak``). An iteration that keeps nothing does no update. ``record`` gets signal_fraction and
-    empty_streak (evidence).
+    empty_streak (evidence). ``--keep-by random`` then swaps the kept set for a random one of the same size among
+    the same candidates, weight 1 (ppo_math.random_keep; ``record`` gets score_kept_fraction).
 
     evidence is the default because the paper's rule stops on noise: in an all-equal buffer the reward cancels from
     the whitened advantages (gamma = lam = 1), which are then whitened KL / critic error; at the main job's warm
@@ -487,11 +488,17 @@ def filter_episodes(L: Learner, buf: Buffer, scores: Tensor, record: dict) -> pm
     with signal (reports/probes/README.md)."""
     cfg = L.cfg
     if cfg.stop_rule == "paper":
-        return pm.ippo_filter(scores, cfg.tol)
-    signal = pm.signal_episodes(buf.rewards, buf.ro.group)
-    keep, weights, empty = pm.ippo_filter(scores, cfg.tol, signal)
-    L.empty_streak, stop = pm.evidence_stop(L.empty_streak, bool(signal.any()), not empty, cfg.stop_patience)
-    record.update(signal_fraction=float(signal.float().mean()), empty_streak=L.empty_streak)
+        signal = torch.ones_like(scores, dtype=torch.bool)
+        keep, weights, stop = pm.ippo_filter(scores, cfg.tol)
+    else:
+        signal = pm.signal_episodes(buf.rewards, buf.ro.group)
+        keep, weights, empty = pm.ippo_filter(scores, cfg.tol, signal)
+        L.empty_streak, stop = pm.evidence_stop(L.empty_streak, bool(signal.any()), not empty, cfg.stop_patience)
+        record.update(signal_fraction=float(signal.float().mean()), empty_streak=L.empty_streak)
+    if cfg.keep_by == "random":  # the control: the same number kept, at random among the same candidates
+        record["score_kept_fraction"] = float(keep.float().mean())
+        seed = random.Random(f"random-keep:{cfg.seed}:{record['iteration']}").getrandbits(63)
+        keep, weights, _ = pm.random_keep(keep, signal, seed)
     return pm.FilterResult(keep, weights, stop)
 
 

@@ -65,6 +65,48 @@ def test_filter_never_keeps_episodes_without_signal():
     assert not pm.ippo_filter(scores, 0.0).stop  # the paper's rule: every episode decides
 
 
+def test_random_keep_draws_as_many_among_the_candidates():
+    candidates = torch.tensor([False, True, True, True, False, True])
+    keep = torch.tensor([False, True, False, True, False, False])
+    draws = set()
+    for seed in range(40):
+        chosen, weights, stop = pm.random_keep(keep, candidates, seed)
+        assert int(chosen.sum()) == 2 and not (chosen & ~candidates).any() and not stop
+        torch.testing.assert_close(weights, chosen.float())
+        assert torch.equal(chosen, pm.random_keep(keep, candidates, seed).keep)  # seeded
+        draws.add(tuple(chosen.tolist()))
+    assert len(draws) == 6  # all C(4, 2) subsets of the candidates occur
+    assert not pm.random_keep(torch.zeros(6, dtype=torch.bool), candidates, 0).keep.any()
+    with pytest.raises(ValueError, match="within candidates"):
+        pm.random_keep(torch.tensor([True] + [False] * 5), candidates, 0)
+    with pytest.raises(ValueError, match="alike"):
+        pm.random_keep(keep[:3], candidates, 0)
+
+
+def test_keep_by_random_keeps_as_many_signal_episodes_with_weight_1(tmp_path, monkeypatch):
+    scores = torch.tensor([3.0, -1.0, 2.0, 1.0, -2.0, 4.0])  # 4 positive: the filter keeps the signal ones of them
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: scores.clone())
+    kept = {}
+    real = pm.random_keep
+
+    def spy(keep, candidates, seed):
+        out = real(keep, candidates, seed)
+        kept.setdefault("calls", []).append((keep.clone(), candidates.clone(), out))
+        return out
+
+    monkeypatch.setattr(T.pm, "random_keep", spy)
+    run(cfg_for(tmp_path, algo="ippo", iterations=2, eval_every=10, keep_by="random"), tmp_path / "run",
+        reward_fn=alternating)
+    recs = records(tmp_path / "run")[1:]
+    assert len(kept["calls"]) == 2
+    for (keep, candidates, out), rec in zip(kept["calls"], recs):
+        assert candidates.all() and int(keep.sum()) == 4  # every group has signal under `alternating`
+        assert int(out.keep.sum()) == 4 and torch.equal(out.weights, out.keep.float())
+        assert rec["kept_fraction"] == rec["score_kept_fraction"] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="--keep-by"):
+        T.Config(keep_by="best").validate()
+
+
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 def test_reward_flips_are_seeded_and_exactly_p_times_e_rounded(n):
     rewards = (torch.arange(n) % 3 == 0).float()
