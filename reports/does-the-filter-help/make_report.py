@@ -16,16 +16,22 @@ from ippo.train import report
 from ippo.train.compare import collect, mean_interval
 
 HERE = Path(__file__).resolve().parent
-SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2, 3, 4]}
+SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2, 3, 4],
+         "random": [0, 1, 2]}
 ALGOS = ["ppo", "ippo", "grpo"]
 ALL_SEEDS = sorted(set().union(*SEEDS.values()))
 SWEEPS = {"reward noise 0": HERE.parent / "compare-noise0", "reward noise 0.3": HERE.parent / "compare-noise0.3"}
 WARM_START = HERE.parent / "compare-sft-warmstart"
+# the control for the scores (ippo --keep-by random), at reward noise 0 only: its ippo runs appear as algo "random"
+CONTROL = {"reward noise 0": HERE.parent / "compare-noise0-randomkeep"}
 KEYS = {"accuracy": "sampled accuracy", "greedy_accuracy": "greedy accuracy", "majority": "majority vote",
         "unfaithful": "unfaithful rate"}
 # (label, algo a, algo b): the paired differences a - b shown; "sft" = the warm start the RL runs start from
-CONTRASTS = [("I-PPO - PPO", "ippo", "ppo"), ("GRPO - PPO", "grpo", "ppo"), ("PPO - warm start", "ppo", "sft"),
-             ("I-PPO - warm start", "ippo", "sft"), ("GRPO - warm start", "grpo", "sft")]
+CONTRASTS = [("I-PPO - PPO", "ippo", "ppo"), ("I-PPO - random keep", "ippo", "random"),
+             ("random keep - PPO", "random", "ppo"), ("GRPO - PPO", "grpo", "ppo"), ("PPO - warm start", "ppo", "sft"),
+             ("I-PPO - warm start", "ippo", "sft"), ("random keep - warm start", "random", "sft"),
+             ("GRPO - warm start", "grpo", "sft")]
+NAMES = {"sft": "SFT warm start (no RL)", "random": "ippo --keep-by random (control)"}
 
 
 def load() -> tuple[dict[str, dict], dict[str, str]]:
@@ -39,6 +45,10 @@ def load() -> tuple[dict[str, dict], dict[str, str]]:
             found, missing = collect(folder, [algo], SEEDS[algo])
             results |= found
             problems |= {f"{folder.name}/{name}": why for name, why in missing.items()}
+        if label in CONTROL:
+            found, missing = collect(CONTROL[label], ["ippo"], SEEDS["random"])
+            results |= {("random", seed): r for (_, seed), r in found.items()}
+            problems |= {f"{CONTROL[label].name}/{name}": why for name, why in missing.items()}
         sweeps[label] = results
     return sweeps, problems
 
@@ -56,28 +66,53 @@ def summary_md(sweeps: dict[str, dict], problems: dict[str, str]) -> str:
     for label, results in sweeps.items():
         lines += [f"## {label}", "", "| run | " + " | ".join(KEYS.values()) + " | mean kept | iterations | "
                   "train wall (s) |", "|---" * (len(KEYS) + 4) + "|"]
-        for algo in ["sft"] + ALGOS:
+        for algo in ["sft"] + ALGOS + ["random"]:
             rows = [results[algo, s] for s in ALL_SEEDS if (algo, s) in results]
             if not rows:
                 continue
             cells = [mean_interval([r[k] for r in rows if r[k] is not None]).format() for k in KEYS]
-            kept = mean_interval([r["mean_kept"] for r in rows]).format(2) if algo == "ippo" else "-"
+            kept = mean_interval([r["mean_kept"] for r in rows]).format(2) if algo in ("ippo", "random") else "-"
             its = "/".join(str(r["iterations"]) for r in rows)
             wall = "/".join(f"{r['wall']:.0f}" for r in rows) if algo != "sft" else "-"
-            name = "SFT warm start (no RL)" if algo == "sft" else algo
+            name = NAMES.get(algo, algo)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {kept} | {its} | {wall} |")
         lines += ["", "Paired differences (same seed), mean and 95% interval:", "",
                   "| difference | " + " | ".join(KEYS.values()) + " |", "|---" * (len(KEYS) + 1) + "|"]
         for name, a, b in CONTRASTS:
             cells = [difference(results, a, b, k) for k in KEYS]
+            if all(c is None for c in cells):
+                continue
             lines.append(f"| {name} | " + " | ".join("-" if c is None else c.format() for c in cells) + " |")
         lines += ["", f"Per seed ({', '.join(map(str, ALL_SEEDS))}), sampled accuracy: " + "; ".join(
             f"{algo} " + " / ".join(f"{results[algo, s]['accuracy']:.3f}" if (algo, s) in results else "-"
-                                    for s in ALL_SEEDS) for algo in ["sft"] + ALGOS), ""]
+                                    for s in ALL_SEEDS) for algo in ["sft"] + ALGOS + ["random"]), ""]
+        lines += filter_lines(label)
     lines += gsm8k_lines()
     if problems:
         lines += ["Runs left out (missing or unusable):", ""] + [f"- {k}: {v}" for k, v in problems.items()] + [""]
     return "\n".join(lines)
+
+
+def filter_lines(label: str) -> list[str]:
+    """What I-PPO's filter did in the sweep ``label``, per run: the mean over iterations of the fraction of episodes
+    with reward signal, of those kept, and the iterations that updated the policy."""
+    lines = ["I-PPO's filter per run (means over iterations): signal = episodes of groups with two different rewards; "
+             "kept; kept / signal over all iterations; iterations with an update (kept > 0):", "",
+             "| run | signal | kept | kept / signal | iterations with an update |", "|---|---|---|---|---|"]
+    folders = {"ippo": SWEEPS[label]} | ({"random": CONTROL[label]} if label in CONTROL else {})
+    for algo, folder in folders.items():
+        for seed in SEEDS[algo]:
+            run = folder / f"ippo-seed{seed}"
+            if not (run / "metrics.jsonl").exists():
+                continue
+            recs = [r for r in report.read_metrics(run) if "kept_fraction" in r]
+            signal = sum(r["signal_fraction"] for r in recs) / len(recs)
+            kept = sum(r["kept_fraction"] for r in recs) / len(recs)
+            updates = sum(r["kept_fraction"] > 0 for r in recs)
+            ratio = f"{kept / signal:.2f}" if signal else "-"
+            lines.append(f"| {NAMES.get(algo, algo)} seed {seed} | {signal:.2f} | {kept:.2f} | {ratio} | "
+                         f"{updates} of {len(recs)} |")
+    return lines + [""]
 
 
 def gsm8k_lines() -> list[str]:
