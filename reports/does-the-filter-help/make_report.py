@@ -16,7 +16,7 @@ from ippo.train import report
 from ippo.train.compare import collect, mean_interval
 
 HERE = Path(__file__).resolve().parent
-SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2, 3, 4],
+SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2],
          "random": [0, 1, 2]}
 ALGOS = ["ppo", "ippo", "grpo"]
 ALL_SEEDS = sorted(set().union(*SEEDS.values()))
@@ -157,7 +157,7 @@ def figure(sweeps: dict[str, dict], path: Path) -> None:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(CONTRASTS)), [c[0] for c in CONTRASTS])
         ax.invert_yaxis()
-        ax.set_xlabel(f"difference in {KEYS[key]} (95% t interval over seeds)")
+        ax.set_xlabel(f"{KEYS[key]}: difference, 95% t interval")
         ax.grid(alpha=0.3, axis="x")
     axes[0].legend(fontsize=8)
     fig.suptitle("paired differences, final eval on 200 held-out problems")
