@@ -2,9 +2,10 @@
 
     .venv/bin/python reports/does-the-filter-help/make_report.py
 
-Reads ../compare-noise0, ../compare-noise0.3 (ppo and ippo x seeds 0-4, grpo x seeds 0-2), ../compare-sft-warmstart
-(the SFT warm start of each seed, evaluated on the same 200 problems) and gsm8k-ippo/; writes summary.md (every
-number the README quotes) and differences.png here. Intervals: mean over seeds and 95% Student t
+Reads ../compare-noise0, ../compare-noise0.3 (ppo and ippo x seeds 0-4, grpo x seeds 0-2), the random-keep
+controls ../compare-noise0-randomkeep and ../compare-noise0.3-randomkeep (seeds 0-2), ../compare-sft-warmstart (the
+SFT warm start of each seed, evaluated on the same 200 problems) and gsm8k-ippo/; writes summary.md (every number
+the README quotes) and differences.png here. Intervals: mean over seeds and 95% Student t
 (ippo.train.compare.mean_interval); a difference is paired by seed (same warm start, same eval problems).
 """
 
@@ -16,14 +17,15 @@ from ippo.train import report
 from ippo.train.compare import collect, mean_interval
 
 HERE = Path(__file__).resolve().parent
-SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2],
+SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2, 3, 4],
          "random": [0, 1, 2]}
 ALGOS = ["ppo", "ippo", "grpo"]
 ALL_SEEDS = sorted(set().union(*SEEDS.values()))
 SWEEPS = {"reward noise 0": HERE.parent / "compare-noise0", "reward noise 0.3": HERE.parent / "compare-noise0.3"}
 WARM_START = HERE.parent / "compare-sft-warmstart"
-# the control for the scores (ippo --keep-by random), at reward noise 0 only: its ippo runs appear as algo "random"
-CONTROL = {"reward noise 0": HERE.parent / "compare-noise0-randomkeep"}
+# the control for the scores (ippo --keep-by random): its ippo runs appear as algo "random"
+CONTROL = {"reward noise 0": HERE.parent / "compare-noise0-randomkeep",
+           "reward noise 0.3": HERE.parent / "compare-noise0.3-randomkeep"}
 KEYS = {"accuracy": "sampled accuracy", "greedy_accuracy": "greedy accuracy", "majority": "majority vote",
         "unfaithful": "unfaithful rate"}
 # (label, algo a, algo b): the paired differences a - b shown; "sft" = the warm start the RL runs start from
