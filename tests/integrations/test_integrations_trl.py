@@ -105,11 +105,12 @@ def check_scores(trainer, record, scale):
         torch.testing.assert_close(scores, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
 
 
-def check_weights(record, tol=0.0, rule="evidence"):
+def check_weights(record, tol=0.0):
+    """The evidence rule's (default) reweighting: kept = score > tol with a non-zero advantage."""
     scores = torch.cat(record["scores"])
     before = torch.cat([b["advantages"] for b in record["before"]])
     signal = before.reshape(len(before), -1).ne(0).any(1)
-    keep = (scores > tol) & (signal if rule == "evidence" else True)
+    keep = (scores > tol) & signal
     mean = scores[keep].mean()
     after = torch.cat(record["after"])
     assert after.dtype == before.dtype and after.shape == before.shape
