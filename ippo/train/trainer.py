@@ -488,7 +488,7 @@ def filter_episodes(L: Learner, buf: Buffer, scores: Tensor, record: dict) -> pm
     with signal (reports/probes/README.md)."""
     cfg = L.cfg
     if cfg.stop_rule == "paper":
-        signal = torch.ones_like(scores, dtype=torch.bool)
+        signal = None  # every episode is a candidate
         keep, weights, stop = pm.ippo_filter(scores, cfg.tol)
     else:
         signal = pm.signal_episodes(buf.rewards, buf.ro.group)
@@ -498,7 +498,7 @@ def filter_episodes(L: Learner, buf: Buffer, scores: Tensor, record: dict) -> pm
     if cfg.keep_by == "random":  # the control: the same number kept, at random among the same candidates
         record["score_kept_fraction"] = float(keep.float().mean())
         seed = random.Random(f"random-keep:{cfg.seed}:{record['iteration']}").getrandbits(63)
-        keep, weights, _ = pm.random_keep(keep, signal, seed)
+        keep, weights, _ = pm.random_keep(keep, torch.ones_like(keep) if signal is None else signal, seed)
     return pm.FilterResult(keep, weights, stop)
 
 
