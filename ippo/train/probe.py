@@ -86,7 +86,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "signal_fraction": float(signal.float().mean()),
                "evidence_empty": not bool(((scores > cfg.tol) & signal).any()),
                "kept_fraction": float(keep.float().mean()),
-               "distinct_per_group": len(set(zip(buf.ro.group.tolist(), buf.ro.texts))) / len(buf.ro.group.unique()),
+               "distinct_per_group": T.distinct_per_group(buf.ro),
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
         row.update(T.probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
                    spearman_advantage=pm.spearman(scores, advantage))

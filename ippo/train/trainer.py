@@ -459,7 +459,7 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
         top, bottom = _episodes_log(buf.ro, buf.rewards, buf.rewards, cfg.log_episodes)
     record.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{it}"))
     record.update(reward=float(buf.rewards.mean()), kept_fraction=float(keep.float().mean()),
-                  kl_ref=float(pm.masked_mean(buf.kl, buf.mask)), response_len=float(buf.mask.sum(1).mean()),
+                  distinct_per_group=distinct_per_group(buf.ro), kl_ref=float(pm.masked_mean(buf.kl, buf.mask)), response_len=float(buf.mask.sum(1).mean()),
                   top_episodes=top, bottom_episodes=bottom, reward_errors=buf.reward_errors)
 
     if store:  # before the update: the sketches' policy is the adapter written with them
@@ -530,6 +530,11 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     if scores is not None:
         out["unfaithful_auc_score"] = pm.low_auc(scores[correct], unfaithful)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def distinct_per_group(ro: Rollout) -> float:
+    """Distinct completions per prompt group, mean over the buffer's groups (1 = every group sampled one text)."""
+    return len(set(zip(ro.group.tolist(), ro.texts))) / len(ro.group.unique())
 
 
 def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple[list[bool], list[bool]]:
