@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ippo.train import stats
+
 
 def shrink_sketches(sketches: torch.Tensor, r: int, k: int) -> torch.Tensor:
     """(S, k) sketches from (S, K) ones of layers that all have rank r, K and k multiples of 2r, k <= K: the
@@ -36,21 +38,6 @@ def shrink_sketches(sketches: torch.Tensor, r: int, k: int) -> torch.Tensor:
     a = sketches[:, :r * big_m].reshape(s, r, big_m)[:, :, :m]
     b = sketches[:, r * big_m:].reshape(s, big_m, r)[:, :m, :]
     return torch.cat([a.reshape(s, -1), b.reshape(s, -1)], dim=1) * math.sqrt(big_m / m)
-
-
-def ranks(t: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1, ties sharing their mean rank."""
-    values, inverse = torch.unique(t.double(), return_inverse=True)
-    order = t.double().argsort(stable=True).argsort().double()
-    mean = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, order)
-    return (mean / torch.bincount(inverse, minlength=len(values)).double())[inverse]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (Pearson correlation of the tie-averaged ranks)."""
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def main(argv=None) -> dict:
@@ -118,7 +105,7 @@ def main(argv=None) -> dict:
         for k in ks:
             estimate = shrink_sketches(sketches, cfg.lora_r, k) @ sketch_gradients(val_grads, k, seed, model=lm)
             nonzero = exact != 0
-            rows.append(dict(k=k, seed=seed, spearman=spearman(estimate, exact),
+            rows.append(dict(k=k, seed=seed, spearman=stats.spearman(estimate, exact),
                              sign_agreement=float((estimate.sign() == exact.sign())[nonzero].float().mean()),
                              relative_rms_error=float((estimate - exact).pow(2).mean().sqrt()
                                                       / exact.pow(2).mean().sqrt())))

@@ -9,17 +9,14 @@ result. A run that is missing or unusable (absent, corrupt files, failed) is nam
 from __future__ import annotations
 
 import dataclasses
-import math
-import statistics
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from ippo.train import report
 from ippo.train.checkpoint import latest_checkpoint, read_json
 from ippo.train.config import Config, flag
+from ippo.train.stats import CONFIDENCE, mean_interval
 
-CONFIDENCE = 0.95
 METRICS = (  # (key of a run's result, row label): final eval unless said otherwise
     ("start_accuracy", "accuracy at iteration 0 (sampled, --eval-size problems)"),
     ("accuracy", "accuracy (sampled, mean over k)"),
@@ -33,61 +30,6 @@ METRICS = (  # (key of a run's result, row label): final eval unless said otherw
 
 
 # =========================================================================== intervals
-
-
-class Interval(NamedTuple):
-    """Mean of ``n`` values and the half-width of its two-sided t interval (None when n = 1)."""
-
-    mean: float
-    half_width: float | None
-    n: int
-
-    def format(self, digits: int = 3) -> str:
-        if self.half_width is None:
-            return f"{self.mean:.{digits}f} (n=1, no interval)"
-        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f} (n={self.n})"
-
-
-def t_coverage(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with ``df`` degrees of freedom (closed form for integer df, Abramowitz and
-    Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2:  # odd: (2/pi) [theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)]
-        term, series = 1.0, 1.0 if df > 1 else 0.0
-        for j in range(1, (df - 1) // 2):
-            term *= 2 * j / (2 * j + 1) * c2
-            series += term
-        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
-    term = series = 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-    for j in range(1, df // 2):
-        term *= (2 * j - 1) / (2 * j) * c2
-        series += term
-    return math.sin(theta) * series
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The t with P(|T| <= t) = ``confidence`` (two-sided), by bisection on :func:`t_coverage`."""
-    if not 0 < confidence < 1 or df < 1:
-        raise ValueError(f"need 0 < confidence < 1 and df >= 1, got {confidence}, {df}")
-    lo, hi = 0.0, 1.0
-    while t_coverage(hi, df) < confidence:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_coverage(mid, df) < confidence else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean and two-sided Student-t interval (n - 1 degrees of freedom) of ``values``."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = statistics.fmean(values)
-    if n == 1:
-        return Interval(mean, None, 1)
-    return Interval(mean, t_quantile(confidence, n - 1) * statistics.stdev(values) / math.sqrt(n), n)
 
 
 # =========================================================================== runs

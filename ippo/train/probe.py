@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ippo.train import ppo_math as pm
+from ippo.train import stats
 from ippo.train import trainer as T
 from ippo.train.checkpoint import atomic_write
 from ippo.train.config import Config
@@ -89,7 +90,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "distinct_per_group": T.distinct_per_group(buf.ro),
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
         row.update(T.probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
-                   spearman_advantage=pm.spearman(scores, advantage))
+                   spearman_advantage=stats.spearman(scores, advantage))
         per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
                        "length": buf.mask.sum(1)} | ({} if buf.flipped is None else {"flipped": buf.flipped.float()})
         if stability:
@@ -99,18 +100,19 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
             big = _score(L, buf, L.rng.sample(val_split, min(big_val_size, len(val_split))), timing)
             length = scores * buf.mask.sum(1)
             per_episode.update(score_disjoint=other, score_big=big)
-            row.update(spearman_disjoint=pm.spearman(scores, other), spearman_big=pm.spearman(scores, big),
-                       spearman_length=pm.spearman(scores, length))
+            row.update(spearman_disjoint=stats.spearman(scores, other), spearman_big=stats.spearman(scores, big),
+                       spearman_length=stats.spearman(scores, length))
             if buf.flipped is not None:
-                row.update(flip_auc_disjoint=pm.low_auc(other, buf.flipped), flip_auc_big=pm.low_auc(big, buf.flipped),
-                           flip_auc_length=pm.low_auc(length, buf.flipped))
+                row.update(flip_auc_disjoint=stats.low_auc(other, buf.flipped),
+                           flip_auc_big=stats.low_auc(big, buf.flipped),
+                           flip_auc_length=stats.low_auc(length, buf.flipped))
         if cfg.sketch_dim:  # cosine: the score over the episode gradient's norm, estimated by its sketch's norm
             cosine = scores / sketches.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             singular = torch.linalg.svdvals(sketches.double())
-            row.update(spearman_cosine=pm.spearman(scores, cosine),
+            row.update(spearman_cosine=stats.spearman(scores, cosine),
                        top_direction_share=float(singular[0] ** 2 / singular.square().sum()))
             if buf.flipped is not None:
-                row["flip_auc_cosine"] = pm.low_auc(cosine, buf.flipped)
+                row["flip_auc_cosine"] = stats.low_auc(cosine, buf.flipped)
         row = {k: v for k, v in row.items() if v is not None}
         row["per_episode"] = {k: [round(float(x), 8) for x in v] for k, v in per_episode.items()}
         row["seconds"] = time.perf_counter() - t0

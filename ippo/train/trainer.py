@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ippo.train import ppo_math as pm
+from ippo.train import stats
 from ippo.train.attribution import prune_sketches, write_iteration
 from ippo.train.checkpoint import (
     CheckpointFiles,
@@ -459,7 +460,8 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
         top, bottom = _episodes_log(buf.ro, buf.rewards, buf.rewards, cfg.log_episodes)
     record.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{it}"))
     record.update(reward=float(buf.rewards.mean()), kept_fraction=float(keep.float().mean()),
-                  distinct_per_group=distinct_per_group(buf.ro), kl_ref=float(pm.masked_mean(buf.kl, buf.mask)), response_len=float(buf.mask.sum(1).mean()),
+                  distinct_per_group=distinct_per_group(buf.ro), kl_ref=float(pm.masked_mean(buf.kl, buf.mask)),
+                  response_len=float(buf.mask.sum(1).mean()),
                   top_episodes=top, bottom_episodes=bottom, reward_errors=buf.reward_errors)
 
     if store:  # before the update: the sketches' policy is the adapter written with them
@@ -517,18 +519,18 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     if buf.flipped is not None:
         noise = torch.rand(len(keep), generator=torch.Generator().manual_seed(
             random.Random(f"probe-random:{seed}").getrandbits(63)))
-        out.update(flipped=int(buf.flipped.sum()), flip_auc_advantage=pm.low_auc(advantage, buf.flipped),
-                   flip_auc_random=pm.low_auc(noise, buf.flipped))
+        out.update(flipped=int(buf.flipped.sum()), flip_auc_advantage=stats.low_auc(advantage, buf.flipped),
+                   flip_auc_random=stats.low_auc(noise, buf.flipped))
         if scores is not None and buf.flipped.any():
-            out.update(flip_auc_score=pm.low_auc(scores, buf.flipped),
+            out.update(flip_auc_score=stats.low_auc(scores, buf.flipped),
                        flip_recall=float((~keep[buf.flipped]).float().mean()),
                        flip_recall_random=1 - float(keep.float().mean()))
     correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
     correct = torch.tensor(correct, dtype=torch.bool, device=advantage.device)
     unfaithful = torch.tensor(unfaithful, dtype=torch.bool, device=advantage.device)[correct]
-    out.update(unfaithful=int(unfaithful.sum()), unfaithful_auc_advantage=pm.low_auc(advantage[correct], unfaithful))
+    out.update(unfaithful=int(unfaithful.sum()), unfaithful_auc_advantage=stats.low_auc(advantage[correct], unfaithful))
     if scores is not None:
-        out["unfaithful_auc_score"] = pm.low_auc(scores[correct], unfaithful)
+        out["unfaithful_auc_score"] = stats.low_auc(scores[correct], unfaithful)
     return {k: v for k, v in out.items() if v is not None}
 
 

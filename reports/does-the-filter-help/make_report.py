@@ -6,7 +6,7 @@ Reads ../compare-noise0, ../compare-noise0.3 (ppo and ippo x seeds 0-4, grpo x s
 controls ../compare-noise0-randomkeep and ../compare-noise0.3-randomkeep (seeds 0-2), ../compare-sft-warmstart (the
 SFT warm start of each seed, evaluated on the same 200 problems) and gsm8k-ippo/; writes summary.md (every number
 the README quotes) and differences.png here. Intervals: mean over seeds and 95% Student t
-(ippo.train.compare.mean_interval); a difference is paired by seed (same warm start, same eval problems).
+(ippo.train.stats.mean_interval); a difference is paired by seed (same warm start, same eval problems).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ippo.train import report
-from ippo.train.compare import collect, mean_interval
+from ippo.train.compare import collect
+from ippo.train.stats import mean_interval
 
 HERE = Path(__file__).resolve().parent
 SEEDS = {"ppo": [0, 1, 2, 3, 4], "ippo": [0, 1, 2, 3, 4], "grpo": [0, 1, 2], "sft": [0, 1, 2, 3, 4],

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from test_train_trainer import cfg_for, records, run, saved_tiny, tiny
 
-from ippo.train import cli, compare
+from ippo.train import cli, compare, stats
 from ippo.train import evaluation as E
 from ippo.train import trainer as T
 from ippo.train.model import add_lora
@@ -19,28 +19,28 @@ T95 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2
 
 def test_t_quantile_matches_the_tables():
     for df, t in T95.items():
-        assert compare.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
-    assert compare.t_quantile(0.99, 2) == pytest.approx(9.9248, abs=1e-4)
-    assert compare.t_quantile(0.90, 7) == pytest.approx(1.8946, abs=1e-4)
-    assert compare.t_quantile(0.95, 1000) == pytest.approx(1.9623, abs=1e-4)  # -> the normal's 1.96
+        assert stats.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    assert stats.t_quantile(0.99, 2) == pytest.approx(9.9248, abs=1e-4)
+    assert stats.t_quantile(0.90, 7) == pytest.approx(1.8946, abs=1e-4)
+    assert stats.t_quantile(0.95, 1000) == pytest.approx(1.9623, abs=1e-4)  # -> the normal's 1.96
     for bad in [(0.0, 3), (1.0, 3), (0.95, 0)]:
         with pytest.raises(ValueError):
-            compare.t_quantile(*bad)
+            stats.t_quantile(*bad)
 
 
 def test_mean_interval():
-    got = compare.mean_interval([0.5, 0.6, 0.7])
+    got = stats.mean_interval([0.5, 0.6, 0.7])
     assert got.mean == pytest.approx(0.6) and got.n == 3
     assert got.half_width == pytest.approx(T95[2] * 0.1 / math.sqrt(3), rel=1e-4)  # the table's 4 decimals
     assert got.format() == "0.600 ± 0.248 (n=3)"
-    one = compare.mean_interval([0.25])
+    one = stats.mean_interval([0.25])
     assert one.half_width is None and one.format() == "0.250 (n=1, no interval)"
-    assert compare.mean_interval([2.0, 2.0]).half_width == 0
+    assert stats.mean_interval([2.0, 2.0]).half_width == 0
     values = [0.1, 0.4, 0.35, 0.8, 0.2]
-    assert compare.mean_interval(values).half_width == pytest.approx(
+    assert stats.mean_interval(values).half_width == pytest.approx(
         T95[4] * statistics.stdev(values) / math.sqrt(5), rel=1e-4)
     with pytest.raises(ValueError):
-        compare.mean_interval([])
+        stats.mean_interval([])
 
 
 @pytest.mark.parametrize("text", ["", "0,0", "a", "-1,2", "1,,2"])
@@ -136,7 +136,7 @@ def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monk
     assert "ippo compare --algos ppo,ippo --seeds 0,1" in md and "--final-eval-size 3" in md
     assert (out / "accuracy_vs_wall.png").stat().st_size > 0
     acc = [records(out / f"ppo-seed{s}")[-1]["eval"]["accuracy"] for s in (0, 1)]
-    assert compare.mean_interval(acc).format() in md
+    assert stats.mean_interval(acc).format() in md
 
     # a missing metrics file and a corrupt checkpoint pointer: named, left out, the rest reported
     (out / "ippo-seed1" / "metrics.jsonl").unlink()

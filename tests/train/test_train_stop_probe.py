@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train_trainer import cfg_for, lora_state, records, run, saved_tiny
 
-from ippo.train import cli, report
+from ippo.train import cli, report, stats
 from ippo.train import ppo_math as pm
 from ippo.train import trainer as T
 
@@ -137,20 +137,20 @@ def test_low_auc_matches_the_pairwise_count_with_ties():
             positive = torch.rand(n, generator=generator) < 0.4
             if positive.all() or not positive.any():
                 continue
-            assert pm.low_auc(values, positive) == pytest.approx(brute_force_low_auc(values.tolist(),
+            assert stats.low_auc(values, positive) == pytest.approx(brute_force_low_auc(values.tolist(),
                                                                                       positive.tolist()))
-    assert pm.low_auc(torch.tensor([0.0, 1.0]), torch.tensor([True, False])) == 1.0
-    assert pm.low_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
-    assert pm.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None  # one class: no AUC
-    assert pm.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([False, False])) is None
+    assert stats.low_auc(torch.tensor([0.0, 1.0]), torch.tensor([True, False])) == 1.0
+    assert stats.low_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+    assert stats.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None  # one class: no AUC
+    assert stats.low_auc(torch.tensor([1.0, 2.0]), torch.tensor([False, False])) is None
 
 
 def test_spearman_with_ties_and_constants():
     x = torch.tensor([1.0, 2.0, 2.0, 5.0])
-    assert pm.spearman(x, x * 3 - 1) == pytest.approx(1.0)
-    assert pm.spearman(x, -x) == pytest.approx(-1.0)
-    assert pm.spearman(x, torch.ones(4)) is None
-    assert pm.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert stats.spearman(x, x * 3 - 1) == pytest.approx(1.0)
+    assert stats.spearman(x, -x) == pytest.approx(-1.0)
+    assert stats.spearman(x, torch.ones(4)) is None
+    assert stats.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
 
 
 # --------------------------------------------------------------------------- the trainer
