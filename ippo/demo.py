@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ippo.kernels import InfluenceScorer, validation_gradients
+from ippo.kernels import InfluenceScorer, segment_ids_from_mask, validation_gradients
 from ippo.kernels.backends import select_backend
 from ippo.testing import episode_losses, lora_llama, next_token_targets, per_episode_loop
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     mask = (torch.arange(args.max_tokens)[None, :] < lengths[:, None]).long().to(device)  # right padding
     advantages = torch.randn(args.episodes, device=device)
     targets, weights = next_token_targets(input_ids, advantages, mask)
-    segment_ids = torch.where(mask.bool(), torch.arange(args.episodes, device=device)[:, None], -1)
+    segment_ids = segment_ids_from_mask(mask)
     val_ids = torch.randint(0, vocab, (8, args.max_tokens), device=device)
     val_weights = torch.full((8,), 1 / 8, device=device)  # val loss: mean negative log-likelihood of 8 sequences
     val_loss = episode_losses(model, val_ids, *next_token_targets(val_ids, val_weights)).sum()

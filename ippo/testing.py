@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ippo.kernels.ops import accumulation_dtype
-from ippo.kernels.scorer import LoRAGrad, active_adapter, lora_linear_layers
+from ippo.kernels.scorer import LoRAGrad, active_adapter, lora_linear_layers, lora_weights
 from ippo.train.model import CHATML_TEMPLATE, add_lora
 from ippo.train.ppo_math import token_logprobs
 
@@ -156,11 +156,8 @@ def per_episode_gradients(model: nn.Module, input_ids: Tensor, targets: Tensor, 
                           attention_mask: Tensor | None = None) -> list[dict[str, LoRAGrad]]:
     """[{layer: LoRAGrad(dl_i/dA, dl_i/dB)}] per row, in the model's layer order, as ``per_episode_loop`` takes them
     (row i alone, its attention_mask tokens); an empty row gets zeros. Inputs as in ``episode_losses``."""
-    layers = lora_linear_layers(model)
-    params = []
-    for name, layer in layers.items():
-        adapter = active_adapter(name, layer)
-        params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    layers = lora_weights(model)
+    params = [w for pair in layers.values() for w in pair]
     out = []
     for i in range(input_ids.shape[0]):
         cols = torch.ones_like(input_ids[i], dtype=torch.bool) if attention_mask is None else attention_mask[i].bool()

@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 from peft import LoraConfig, get_peft_model
 
-from ippo.kernels import InfluenceScorer, validation_gradients
+from ippo.kernels import InfluenceScorer, lora_weights, segment_ids_from_mask, validation_gradients
 from ippo.testing import episode_losses, init_lora_B, lora_llama, lora_pairs, loss_influence, per_episode_loop
 
 VOCAB = 50
@@ -280,14 +280,38 @@ def test_validation_gradients_refuse_a_loss_that_misses_the_adapter():
     inputs = batch(random_episodes([3, 4]))[:5]
     with model.disable_adapter():
         detached = episode_losses(model, *inputs).sum()  # the LoRA branch is not in the graph
-    with pytest.raises(ValueError, match="validation loss has zero gradient w.r.t. every LoRA parameter"):
+    with pytest.raises(ValueError, match="validation gradient is zero for every LoRA parameter"):
         validation_gradients(model, detached)
-    with pytest.raises(ValueError, match="validation loss has zero gradient w.r.t. every LoRA parameter"):
+    with pytest.raises(ValueError, match="validation gradient is zero for every LoRA parameter"):
         validation_gradients(model, 0 * episode_losses(model, *inputs).sum())
     with torch.no_grad():
         no_graph = episode_losses(model, *inputs).sum()
-    with pytest.raises(ValueError, match="validation loss has zero gradient w.r.t. every LoRA parameter"):
+    with pytest.raises(ValueError, match="validation gradient is zero for every LoRA parameter"):
         validation_gradients(model, no_graph)
+
+
+def test_validation_gradients_refuse_a_non_finite_loss():
+    model = tiny_model()
+    inputs = batch(random_episodes([3, 4]))[:5]
+    with pytest.raises(ValueError, match="validation gradient is not finite"):
+        validation_gradients(model, float("inf") * episode_losses(model, *inputs).sum())
+
+
+def test_lora_weights_are_the_active_adapters_parameters_in_model_order():
+    model = tiny_model()
+    weights = lora_weights(model)
+    layers = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert list(weights) == layers
+    for name, (A, B) in weights.items():
+        layer = model.get_submodule(name)
+        assert A is layer.lora_A["default"].weight and B is layer.lora_B["default"].weight
+
+
+def test_segment_ids_from_mask():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0], [0, 0, 0]])
+    assert segment_ids_from_mask(mask).tolist() == [[-1, 0, 0], [1, 1, -1], [-1, -1, -1]]
+    with pytest.raises(ValueError, match="attention_mask must be a \\(B, T\\) tensor"):
+        segment_ids_from_mask(torch.ones(3))
 
 
 def test_validation_gradients_at_peft_init():

@@ -10,7 +10,7 @@ from conftest import DEVICE
 from test_scorer import LENGTHS, batch, random_episodes, tiny_model, val_grads_of
 
 from ippo.kernels import InfluenceScorer, sketch_gradients, sketch_layer_index
-from ippo.kernels.scorer import lora_linear_layers
+from ippo.kernels.scorer import lora_linear_layers, lora_weights
 from ippo.testing import episode_losses, lora_pairs, per_episode_gradients
 
 K = 48  # a multiple of 2r = 6
@@ -56,9 +56,8 @@ def test_packed_unsorted_segments(backend):
     segment_ids = torch.randint(-1, 6, (1, 40), device=DEVICE)
     with InfluenceScorer(model, None, segment_ids, num_segments=7, sketch_dim=20, sketch_seed=1) as scorer:
         (model(x) * weights).sum().backward()
-    names = list(lora_linear_layers(model))
-    params = [p for n in names for p in (model.get_submodule(n).lora_A["default"].weight,
-                                          model.get_submodule(n).lora_B["default"].weight)]
+    names = list(lora_weights(model))
+    params = [p for pair in lora_weights(model).values() for p in pair]
     expected = []
     for i in range(7):
         rows = segment_ids[0] == i

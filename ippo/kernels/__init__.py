@@ -5,7 +5,17 @@ Choose with IPPO_BACKEND; ``python -m ippo.info`` lists what runs here and why n
 """
 
 from ippo.kernels.ops import gradient_sketches, influence_scores, sketch_lora_gradient
-from ippo.kernels.scorer import InfluenceScorer, LoRAGrad, sketch_gradients, sketch_layer_index, validation_gradients
+from ippo.kernels.scorer import (
+    InfluenceScorer,
+    LoRAGrad,
+    check_validation_gradient,
+    lora_weights,
+    segment_ids_from_mask,
+    sketch_gradients,
+    sketch_layer_index,
+    validation_gradients,
+)
 
-__all__ = ["InfluenceScorer", "LoRAGrad", "gradient_sketches", "influence_scores", "sketch_gradients",
-           "sketch_layer_index", "sketch_lora_gradient", "validation_gradients"]
+__all__ = ["InfluenceScorer", "LoRAGrad", "check_validation_gradient", "gradient_sketches", "influence_scores",
+           "lora_weights", "segment_ids_from_mask", "sketch_gradients", "sketch_layer_index", "sketch_lora_gradient",
+           "validation_gradients"]

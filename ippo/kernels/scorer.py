@@ -83,6 +83,44 @@ def lora_linear_layers(model: torch.nn.Module) -> dict[str, LoraLinear]:
     return layers
 
 
+def lora_weights(model: torch.nn.Module) -> dict[str, LoRAGrad]:
+    """{layer name: (lora_A.weight (r, d_in), lora_B.weight (d_out, r))} of the active adapter of every peft LoRA
+    Linear of ``model``, in ``named_modules()`` order: the parameters themselves, in a LoRAGrad pair (one lookup for
+    every trainer that integrates the scorer; checks as in ``active_adapter`` and ``lora_linear_layers``)."""
+    weights = {}
+    for name, layer in lora_linear_layers(model).items():
+        adapter = active_adapter(name, layer)
+        weights[name] = LoRAGrad(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+    return weights
+
+
+def check_validation_gradient(op: str, grads) -> None:
+    """ValueError from ``op`` unless the validation gradient ``grads`` (tensors, None = not reached) is finite and
+    non-zero somewhere: a zero one would make every influence score 0, a non-finite one every score NaN. One
+    device sync."""
+    used = [g for g in grads if g is not None]
+    if used:
+        finite = torch.stack([g.isfinite().all() for g in used]).all()
+        nonzero = torch.stack([g.ne(0).any() for g in used]).any()
+        finite, nonzero = torch.stack([finite, nonzero]).tolist()
+    if not used or not nonzero or not finite:
+        what = "zero" if not used or (finite and not nonzero) else "not finite"
+        raise ValueError(f"{op}: the validation gradient is {what} for every LoRA parameter (the validation loss does "
+                         f"not reach the active adapter, its gradient vanishes, or it overflows), so every influence "
+                         f"score would be {'0' if what == 'zero' else 'NaN'}; compute the validation loss with the "
+                         "adapter enabled, from a forward that needs grad")
+
+
+def segment_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 segment ids of a batch with one episode per row: b on row b's tokens (attention_mask != 0),
+    -1 on padding; what ``InfluenceScorer`` takes."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"segment_ids_from_mask: attention_mask must be a (B, T) tensor; got "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)[:, None]
+    return rows.expand(attention_mask.shape).masked_fill(attention_mask == 0, -1).contiguous()
+
+
 def sketch_layer_index(names) -> dict[str, int]:
     """{layer name: its projection index} for the whole-model sketch: the position of the layer in ``names``.
 
@@ -148,18 +186,11 @@ def validation_gradients(model: torch.nn.Module, val_loss: torch.Tensor) -> dict
     Uses torch.autograd.grad, so the parameters' .grad are left as they were. Raises ValueError when that
     gradient is zero for every LoRA parameter (every score would be 0); one device sync.
     """
-    layers = lora_linear_layers(model)
-    params = []
-    for name, layer in layers.items():
-        adapter = active_adapter(name, layer)
-        params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    layers = lora_weights(model)
+    params = [w for pair in layers.values() for w in pair]
     reaches = isinstance(val_loss, torch.Tensor) and val_loss.requires_grad
     grads = torch.autograd.grad(val_loss, params, allow_unused=True) if reaches else [None] * len(params)
-    used = [g for g in grads if g is not None]
-    if not used or not bool(torch.stack([g.ne(0).any() for g in used]).any()):
-        raise ValueError("validation_gradients: the validation loss has zero gradient w.r.t. every LoRA parameter "
-                         "(it does not reach the active adapter, or its gradient vanishes), so every influence score "
-                         "would be 0; compute val_loss with the adapter enabled, from a forward that needs grad")
+    check_validation_gradient("validation_gradients", grads)
     grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
     return {name: LoRAGrad(grads[2 * i], grads[2 * i + 1]) for i, name in enumerate(layers)}
 

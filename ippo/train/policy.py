@@ -114,13 +114,10 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
     ``examples``, so the result is the one-batch gradient up to rounding while the memory is that of ``batch``
     pairs. Pairs are grouped by length (less padding). The parameters' ``.grad`` are left alone.
     """
-    from ippo.kernels.scorer import active_adapter, lora_linear_layers
+    from ippo.kernels import check_validation_gradient, lora_weights
 
-    layers = lora_linear_layers(lm)
-    params = []
-    for name, layer in layers.items():
-        adapter = active_adapter(name, layer)
-        params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    layers = lora_weights(lm)
+    params = [w for pair in layers.values() for w in pair]
     device = params[0].device
     gold = pack_answers(tokenizer, task, examples).to(device)
     total = gold.mask.sum()
@@ -131,9 +128,7 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
         for acc, g in zip(grads, torch.autograd.grad(nll / total, params, allow_unused=True)):
             if g is not None:
                 acc.add_(g)
-    if not bool(torch.stack([g.ne(0).any() for g in grads]).any()):
-        raise ValueError("validation_gradient: the validation loss has zero gradient w.r.t. every LoRA parameter, so "
-                         "every influence score would be 0")
+    check_validation_gradient("validation_gradient", grads)
     return {name: LoRAGrad(grads[2 * i], grads[2 * i + 1]) for i, name in enumerate(layers)}
 
 

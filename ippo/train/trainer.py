@@ -380,8 +380,9 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
 
 def episode_segments(ro: Rollout) -> Tensor:
     """InfluenceScorer's segment ids of a batch: the row's episode index on its tokens, -1 on padding."""
-    episode = torch.arange(len(ro.texts), device=ro.ids.device)[:, None]
-    return episode.expand_as(ro.ids).masked_fill(ro.attn == 0, -1).contiguous()
+    from ippo.kernels import segment_ids_from_mask
+
+    return segment_ids_from_mask(ro.attn)
 
 
 # =========================================================================== update
