@@ -133,29 +133,55 @@ def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
     assert [r["iteration"] for r in records(run_dir)] == [0, 1]
 
 
-def test_ippo_filter_and_weights_reach_the_update(tmp_path, monkeypatch):
-    scores = torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0])
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: scores.clone())
-    seen = []
-    real_policy_loss = T.pm.policy_loss
-
-    def spy(logp, old_logp, adv, mask, clip, **kw):
-        seen.append(mask.shape[0])
-        return real_policy_loss(logp, old_logp, adv, mask, clip, **kw)
-
-    monkeypatch.setattr(T.pm, "policy_loss", spy)
-    weights_seen = []
-    real_filter = T.pm.ippo_filter
-    monkeypatch.setattr(T.pm, "ippo_filter",
-                        lambda s, tol: weights_seen.append(real_filter(s, tol)) or weights_seen[-1])
+def test_ippo_keep_and_normalized_weights_reach_the_update(tmp_path, monkeypatch):
+    """Scores -> the filter's keep (score > tol) and weights (score / mean kept score) are what ppo_update gets, and
+    its one minibatch holds exactly the kept episodes."""
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0]))
+    updates, rows = [], []
+    real_update, real_logprobs = T.ppo_update, T.response_logprobs
+    monkeypatch.setattr(T, "ppo_update", lambda L, buf, keep, weights: updates.append((keep, weights))
+                        or real_update(L, buf, keep, weights))
+    monkeypatch.setattr(T, "response_logprobs", lambda lm, ro, idx=None, *a, **k: rows.append(idx)
+                        or real_logprobs(lm, ro, idx, *a, **k))
     run_dir = tmp_path / "run"
     run(cfg_for(tmp_path, algo="ippo", tol=0.5, epochs=1, minibatch=8, stop_rule="paper"), run_dir)
     rec = records(run_dir)[-1]
     assert rec["kept_fraction"] == pytest.approx(0.5) and rec["early_stop"] is False
-    keep, weights, _ = weights_seen[0]
+    (keep, weights), = updates
     assert keep.tolist() == [True, False, True, False, False, True]
-    torch.testing.assert_close(weights, torch.tensor([1.5, 0, 0.5, 0, 0, 1.0]))
-    assert seen == [3]  # the one update minibatch holds only the 3 kept episodes
+    torch.testing.assert_close(weights, torch.tensor([1.5, 0, 0.5, 0, 0, 1.0]))  # 3, 1, 2 over their mean 2
+    assert sorted(rows[-1].tolist()) == [0, 2, 5]  # the one update minibatch: the kept episodes only
+
+
+def test_ppo_update_gradient_is_the_weighted_mean_of_kept_episode_gradients(tmp_path, monkeypatch):
+    """The update's gradient equals (1 / |kept|) sum_{i kept} w_i dl_i/dtheta, each dl_i/dtheta from an explicit
+    autograd call on episode i alone (value loss off): weights that do not reach the loss, or dropped episodes that
+    do, fail this."""
+    cfg = cfg_for(tmp_path, algo="ippo", epochs=1, minibatch=8, vf_coef=0.0, max_grad_norm=1e9, sft_steps=0)
+    L, _, _ = T.setup_learner(cfg, tmp_path / "run", False, tiny(), coin, lambda _: None, False)
+    with torch.no_grad():  # LoRA B starts at 0 (then dl/dA = 0): move it so every LoRA weight gets a gradient
+        for p in L.lora_params:
+            p.add_(torch.randn_like(p) * 0.05)
+    buf = T.rollout(L, 1)
+    T.compute_advantages(cfg, buf)
+    keep = torch.tensor([True, False, True, False, False, True])
+    weights = torch.tensor([1.5, 0.0, 0.5, 0.0, 0.0, 1.0])
+    expected = [torch.zeros_like(p) for p in L.lora_params]
+    for i in [0, 2, 5]:
+        row = torch.tensor([i])
+        logp, _ = T.response_logprobs(L.lm, buf.ro, row, None, cfg.temperature)
+        loss_i, _ = T.pm.policy_loss(logp, buf.old_logp[row], buf.advantages[row], buf.mask[row], cfg.clip)
+        for acc, g in zip(expected, torch.autograd.grad(loss_i.sum(), L.lora_params)):
+            acc += float(weights[i]) / 3 * g
+    assert sum(float(g.abs().sum()) for g in expected) > 0
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, *a, **k: seen.append(
+        [p.grad.clone() for p in L.lora_params]) or real_clip(params, *a, **k))
+    T.ppo_update(L, buf, keep, weights)
+    assert len(seen) == 1
+    for got, want in zip(seen[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_rollout_mask_is_checked_once_per_iteration(tmp_path, monkeypatch):
