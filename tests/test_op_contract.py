@@ -81,7 +81,7 @@ def test_ops_check_their_own_inputs(device):
     sketch_args = [short_h[k] for k in ("x", "h", "grad_y", "grad_h")]
     with pytest.raises(ValueError, match="gradient_sketches: " + message):
         torch.ops.ippo.gradient_sketches(*sketch_args, segment_ids, episodes, 12)
-    with pytest.raises(ValueError, match=r"gradient_sketches: k must be a positive multiple of 2 \* r = 6; got 8"):
+    with pytest.raises(ValueError, match=r"gradient_sketches: k must be a positive multiple of 2 \* r = 6 .*; got 8"):
         torch.ops.ippo.gradient_sketches(*(args[k] for k in ("x", "h", "grad_y", "grad_h")), segment_ids, episodes, 8)
     with pytest.raises(ValueError, match="influence_scores: segment_ids must be an int32 or int64 tensor"):
         torch.ops.ippo.influence_scores(*args.values(), segment_ids.float(), episodes)
@@ -96,10 +96,22 @@ def test_ops_check_their_own_inputs(device):
         torch.ops.ippo.lora_token_influence(h, x_va, g_vb[:, :2], grad_h)
     with pytest.raises(ValueError, match=r"lora_token_influence: grad_h must be float16, bfloat16, float32 or float64"):
         torch.ops.ippo.lora_token_influence(h, x_va, g_vb, grad_h.long())
-    with pytest.raises(ValueError, match=r"lora_token_influence: scaling must be a finite number; got inf"):
+    with pytest.raises(ValueError, match=r"lora_token_influence: scaling must be a finite number .*; got inf"):
         torch.ops.ippo.lora_token_influence(h, x_va, g_vb, grad_h, float("inf"))
     with pytest.raises(ValueError, match=rf"lora_token_influence: all tensors must be on one device; .*h on {other}"):
         torch.ops.ippo.lora_token_influence(h, x_va, g_vb, torch.zeros(grad_h.shape, device=other))
+
+
+def test_rank_0_gives_zeros_on_every_backend(backend):
+    """r = 0: every per-token value is an empty sum; each backend gives the same zeros (no kernel launch)."""
+    n = 5
+    empty = torch.zeros(n, 0, device=DEVICE)
+    zeros = torch.zeros(n, device=DEVICE)
+    torch.testing.assert_close(torch.ops.ippo.lora_token_influence(empty, empty, empty, empty), zeros)
+    x, grad_y = torch.randn(n, 4, device=DEVICE), torch.randn(n, 3, device=DEVICE)
+    tokens = torch.ops.ippo.token_influence(x, empty, grad_y, empty, torch.zeros(0, 4, device=DEVICE),
+                                            torch.zeros(3, 0, device=DEVICE))
+    torch.testing.assert_close(tokens, zeros)
 
 
 def test_op_never_reads_out_of_bounds_segments():
@@ -166,7 +178,8 @@ def bad_inputs():
          r"segment_ids must lie in \[-1, num_segments\) = \[-1, 4\); got values in \[4, 4\]"),
         ("id -2", dict(segment_ids=torch.full((n,), -2, device=DEVICE)), r"got values in \[-2, -2\]"),
         ("negative count", dict(num_segments=-1), r"num_segments must be a non-negative int; got -1"),
-        ("nan scaling", dict(scaling=float("nan")), r"scaling must be a finite number; got nan"),
+        ("nan scaling", dict(scaling=float("nan")), r"scaling must be a finite number of float32 range .*; got nan"),
+        ("huge scaling", dict(scaling=1e308), r"scaling must be a finite number of float32 range .*; got 1e\+308"),
         ("device", dict(val_B=args["val_B"].to("meta")), r"all tensors must be on one device; got .*val_B on meta"),
     ]
 
@@ -184,10 +197,15 @@ def test_bad_input_names_the_argument(case):
 def test_sketch_bad_input():
     args, segment_ids, episodes = op_inputs(r=3)
     sketch_args = {k: args[k] for k in ("x", "h", "grad_y", "grad_h")}
-    with pytest.raises(ValueError, match=r"k must be a positive multiple of 2 \* r = 6; got 10"):
+    with pytest.raises(ValueError, match=r"k must be a positive multiple of 2 \* r = 6 below 2\*\*31; got 10"):
         gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=10)
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\); got -1"):
         gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=12, seed=-1)
+    with pytest.raises(ValueError, match=r"k must be a positive multiple of .* below 2\*\*31; got 1099511627776"):
+        gradient_sketches(**sketch_args, segment_ids=segment_ids, num_segments=episodes, k=2**40)
+    with pytest.raises(ValueError, match=r"\(num_segments, k\) = \(4096, 1073741826\) torch.float32 output .* cannot "
+                       r"be allocated .*; use a smaller k"):  # 16 TiB
+        gradient_sketches(**sketch_args, segment_ids=segment_ids.cpu(), num_segments=4096, k=2**30 + 2)
     with pytest.raises(ValueError, match=r"grad_B has shape \(12, 2\), i\.e\. r=2, but grad_A \(3, 20\) has r=3"):
         sketch_lora_gradient(args["val_A"], args["val_B"][:, :2], k=12)
 

@@ -22,6 +22,8 @@ from ippo.kernels.backends import select_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+SCALING_LIMIT = torch.finfo(torch.float32).max  # the kernels take scaling as a float32
+K_LIMIT = 2**31  # sketch width: the kernels index sketch columns with int32
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -91,8 +93,10 @@ def check_segment_ids(op: str, segment_ids, num_segments) -> None:
 
 
 def check_scaling(op: str, scaling) -> None:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"{op}: scaling must be a finite number; got {scaling!r}")
+    if (isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling)
+            or abs(scaling) > SCALING_LIMIT):
+        raise ValueError(f"{op}: scaling must be a finite number of float32 range (|scaling| <= {SCALING_LIMIT:.4g}); "
+                         f"got {scaling!r}")
 
 
 def check_lora_inputs(op: str, x, h, grad_y, grad_h, val_A=None, val_B=None, segment_ids=None, num_segments=None,
@@ -134,9 +138,10 @@ def segment_order(segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.T
 
 def token_values(x, h, grad_y, grad_h, val_A, val_B, scaling: float) -> torch.Tensor:
     """(N,) per-token influence from the selected backend, in the accumulation dtype (inputs already checked)."""
-    _, backend = select_backend(x.device)
     out = torch.zeros(x.shape[0], dtype=accumulation_dtype(x, h, grad_y, grad_h, val_A, val_B), device=x.device)
-    backend.token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling, out)
+    if out.numel() and h.shape[1]:  # rank 0 or no token: every value is an empty sum, 0 (no kernel launched)
+        _, backend = select_backend(x.device)
+        backend.token_influence(x, h, grad_y, grad_h, val_A, val_B, scaling, out)
     return out
 
 
@@ -202,9 +207,10 @@ def check_combine_inputs(op: str, h, x_va, g_vb, grad_h, scaling) -> dict[str, i
 
 def combine_values(h, x_va, g_vb, grad_h, scaling: float) -> torch.Tensor:
     """(N,) per-token influence from the selected backend's ``lora_token_influence`` (inputs already checked)."""
-    _, backend = select_backend(h.device)
     out = torch.zeros(h.shape[0], dtype=accumulation_dtype(h, x_va, g_vb, grad_h), device=h.device)
-    backend.lora_token_influence(h, x_va, g_vb, grad_h, scaling, out)
+    if out.numel() and h.shape[1]:  # rank 0 or no token: every value is an empty sum, 0 (no kernel launched)
+        _, backend = select_backend(h.device)
+        backend.lora_token_influence(h, x_va, g_vb, grad_h, scaling, out)
     return out
 
 
@@ -233,8 +239,8 @@ def _(h, x_va, g_vb, grad_h, scaling=1.0):
 def check_sketch_params(op: str, k, r: int, seed, layer) -> None:
     if r < 1:
         raise ValueError(f"{op}: the LoRA rank r must be >= 1; got r = {r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % (2 * r):
-        raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r}; got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < K_LIMIT or k % (2 * r):
+        raise ValueError(f"{op}: k must be a positive multiple of 2 * r = {2 * r} below 2**31; got {k!r}")
     for name, value, limit, text in (("seed", seed, projection.SEED_LIMIT, "2**63"),
                                      ("layer", layer, projection.LAYER_LIMIT, "2**29")):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
@@ -259,7 +265,13 @@ def sketch_values(x, h, grad_y, grad_h, segment_ids, num_segments: int, k: int, 
     _, backend = select_backend(x.device)
     r = h.shape[1]
     m = k // (2 * r)
-    out = torch.empty((num_segments, k), dtype=accumulation_dtype(x, h, grad_y, grad_h), device=x.device)
+    dtype = accumulation_dtype(x, h, grad_y, grad_h)
+    try:
+        out = torch.empty((num_segments, k), dtype=dtype, device=x.device)
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # CPU: RuntimeError; CUDA: OutOfMemoryError
+        raise ValueError(f"gradient_sketches: the (num_segments, k) = ({num_segments}, {k}) {dtype} output "
+                         f"({num_segments * k * dtype.itemsize / 2**30:.3g} GiB) cannot be allocated on {x.device}; "
+                         f"use a smaller k") from err
     order, offsets = segment_order(segment_ids, num_segments)
     backend.segment_sketch(x, grad_h, order, offsets, projection.projection_salt(seed, layer, projection.SIDE_IN),
                            1.0, out[:, :r * m].view(num_segments, r, m))
