@@ -2,8 +2,9 @@
 # Issue 19's test-bed calibration sweep: one `ippo compare` sweep per candidate preset, resumable (run it again to
 # go on; finished runs are skipped). Usage: bash reports/testbed-calibration/run.sh CANDIDATE SEEDS ALGOS [OUT_ROOT]
 #   CANDIDATE: s3-sft20 | s3-sft20-lr3e-4 | s2-sft10 | s3-sft10   (see README.md)
-# Every candidate: temperature 1.0, 4 prompts x 8 samples, 1200 s training wall budget on one thread, eval of the
-# same 100 held-out problems at iteration 0, every 8 iterations and at the end (2 samples at 0.6 + greedy).
+# Every candidate: temperature 1.0, 4 prompts x 8 samples, 20 iterations on one thread (a fixed count, not a wall
+# budget: the machine is shared, so wall-clock per iteration varies; each run's metrics.jsonl has its training
+# wall-clock), eval of the same 100 held-out problems at iterations 0, 10 and 20 (2 samples at 0.6 + greedy).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 candidate=$1 seeds=$2 algos=$3 root=${4:-runs/calib}
@@ -15,6 +16,6 @@ case $candidate in
   *) echo "unknown candidate $candidate" >&2; exit 2 ;;
 esac
 exec "${PYTHON:-.venv/bin/python}" -m ippo.train.cli compare --algos "$algos" --seeds "$seeds" "${preset[@]}" \
-  --temperature 1.0 --prompts-per-iter 4 --samples-per-prompt 8 --max-new-tokens 48 --iterations 1000 \
-  --wall-budget 1200 --eval-size 100 --final-eval-size 100 --eval-k 2 --eval-every 8 --threads 1 --no-progress \
+  --temperature 1.0 --prompts-per-iter 4 --samples-per-prompt 8 --max-new-tokens 48 --iterations 20 \
+  --wall-budget 0 --eval-size 100 --final-eval-size 100 --eval-k 2 --eval-every 10 --threads 1 --no-progress \
   --resume --out "$root/$candidate"
