@@ -31,7 +31,9 @@ micro-batches it will train on):
    every process;
    dropped rows get advantage exactly 0 (this removes their policy-gradient term; GRPO's KL term and the entropy
    bonus do not scale with the advantage and keep acting on every row, as for any zero-advantage row in TRL).
-   The decision uses one all-reduce of six numbers, so every process takes the same one.
+   The decision is ``ippo.train.ppo_math.ippo_filter`` (and ``evidence_stop``, the in-house trainer's functions)
+   on the scores and signal flags of every process's rows, which one all-gather brings to every process, so every
+   process takes the same one.
 4. Nothing else changes: the scoring pass uses ``torch.autograd.grad`` (``.grad`` untouched), runs under a forked RNG
    (dropout in it does not shift TRL's sampling or training randomness), and TRL's metrics (and its adaptive entropy
    controller's state) are restored afterwards; it logs ``ippo/kept_fraction``, ``ippo/score_mean``,
@@ -82,8 +84,9 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 
-from ippo.kernels import InfluenceScorer, LoRAGrad
-from ippo.kernels.scorer import active_adapter, lora_linear_layers
+from ippo.kernels import InfluenceScorer, LoRAGrad, check_validation_gradient, lora_weights, segment_ids_from_mask
+from ippo.train.config import STOP_RULES
+from ippo.train.ppo_math import evidence_stop, ippo_filter
 
 __all__ = ["IPPOGRPOTrainer", "IPPORLOOTrainer"]
 
@@ -93,7 +96,6 @@ logger = logging.getLogger(__name__)
 # restores it, as it restores TRL's metrics.
 _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
-STOP_RULES = ("evidence", "paper")
 
 
 def _skipped_step(*args, **kwargs) -> None:
@@ -176,8 +178,9 @@ class _IPPOMixin:
 
     # ---- checks ------------------------------------------------------------------------------------------------
 
-    def _ippo_lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (lora_A weight, lora_B weight)} of the active adapter; raises ValueError on what is not supported."""
+    def _ippo_lora_weights(self) -> dict[str, LoRAGrad]:
+        """{layer: LoRAGrad(lora_A weight, lora_B weight)} of the active adapter (``ippo.kernels.lora_weights``);
+        raises ValueError on what is not supported."""
         name = type(self).__name__
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported: it shards the LoRA parameters across "
@@ -205,10 +208,7 @@ class _IPPOMixin:
             raise ValueError(f"{name}: DoRA (LoraConfig(use_dora=True)) is not supported; the influence scorer handles "
                              "plain LoRA only")
         try:
-            weights = {}
-            for layer_name, layer in lora_linear_layers(model).items():
-                adapter = active_adapter(layer_name, layer)
-                weights[layer_name] = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+            weights = lora_weights(model)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from error
         lora = {id(w) for pair in weights.values() for w in pair}
@@ -301,11 +301,7 @@ class _IPPOMixin:
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(flat, reduction="sum")
-        if not bool(flat.ne(0).any()) or not bool(flat.isfinite().all()):
-            raise ValueError(f"{type(self).__name__}: the validation gradient is "
-                             f"{'zero' if bool(flat.isfinite().all()) else 'not finite'} for every LoRA parameter "
-                             "(the validation loss does not reach the active adapter, or its gradient vanishes), so "
-                             "every influence score would be 0; check the LoRA weights and validation_dataset")
+        check_validation_gradient(type(self).__name__, [flat])
         grads = list(torch.split(flat, [g.numel() for g in grads]))
         shaped = [g.view(p.shape) for g, p in zip(grads, params)]
         return {layer: LoRAGrad(shaped[2 * i], shaped[2 * i + 1]) for i, layer in enumerate(weights)}
@@ -338,9 +334,7 @@ class _IPPOMixin:
         for batch in batches:
             attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
             rows = attention_mask.shape[0]
-            segment_ids = torch.arange(rows, device=attention_mask.device).unsqueeze(1).expand_as(attention_mask)
-            segment_ids = segment_ids.masked_fill(attention_mask == 0, -1)
-            with InfluenceScorer(model, val_grads, segment_ids, rows) as scorer:
+            with InfluenceScorer(model, val_grads, segment_ids_from_mask(attention_mask), rows) as scorer:
                 with self.compute_loss_context_manager():
                     loss = self._compute_loss(model, batch)
                 if loss.requires_grad:
@@ -381,17 +375,25 @@ class _IPPOMixin:
             scores = self._ippo_scores(batches, val_grads)
         device = self.accelerator.device
         local = torch.cat(scores).to(device) if scores else torch.zeros(0, dtype=torch.float64, device=device)
-        signal = [b["advantages"].reshape(len(b["advantages"]), -1).ne(0).any(1) for b in batches]  # reward signal
+        # reward signal: a non-zero advantage (TRL's batches hold no rewards or prompt groups, and a row whose
+        # advantage is 0 gets no policy gradient whatever its group's rewards)
+        signal = [b["advantages"].reshape(len(b["advantages"]), -1).ne(0).any(1) for b in batches]
         signal = torch.cat(signal).to(device) if signal else torch.zeros(0, dtype=torch.bool, device=device)
-        keep = local > self.ippo_tol
-        if self.ippo_stop_rule == "evidence":
-            keep &= signal
-        stats = torch.stack([torch.where(keep, local, 0.0).sum(), keep.sum().double(), local.new_tensor(local.numel()),
-                             (local > 0).sum().double(), local.sum(), signal.sum().double()])
+        # every process's rows, in process order (TRL gives every process a generation batch of the same size)
+        gathered = torch.stack([local, signal.to(local.dtype)], 1)
         if self.accelerator.num_processes > 1:
-            stats = self.accelerator.reduce(stats, reduction="sum")
-        kept_sum, kept, rows, positive, total, signal_rows = stats.tolist()
-        weights = torch.where(keep, local / (kept_sum / kept), 0.0) if kept else torch.zeros_like(local)
+            gathered = self.accelerator.gather(gathered)
+        all_scores, all_signal = gathered[:, 0], gathered[:, 1].bool()
+        try:
+            result = ippo_filter(all_scores, self.ippo_tol, all_signal if self.ippo_stop_rule == "evidence" else None)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: the influence scores of the generation batch at step "
+                             f"{self.state.global_step}: {error} (TRL's loss on these completions is not finite)"
+                             ) from error
+        mine = slice(self.accelerator.process_index * len(local), (self.accelerator.process_index + 1) * len(local))
+        keep, weights = result.keep[mine], result.weights[mine]
+        kept, rows, signal_rows = int(result.keep.sum()), all_scores.numel(), int(all_signal.sum())
+        positive, total = int((all_scores > 0).sum()), float(all_scores.sum())
         offset = 0
         for batch, batch_scores in zip(batches, scores):
             n = batch_scores.numel()
@@ -407,11 +409,10 @@ class _IPPOMixin:
         metrics["ippo/signal_fraction"].append(signal_rows / max(rows, 1.0))
         metrics["ippo/scoring_seconds"].append(time.perf_counter() - start)
         if self.ippo_stop_rule == "paper":
-            empty = not kept
+            empty = result.stop
         else:
-            if signal_rows:
-                self._ippo_streak = 0 if kept else self._ippo_streak + 1
-            empty = self._ippo_streak >= self.ippo_stop_patience
+            self._ippo_streak, empty = evidence_stop(self._ippo_streak, signal_rows > 0, not result.stop,
+                                                     self.ippo_stop_patience)
         if empty and self.ippo_stop_when_empty:
             self.ippo_stopped = True
             logger.warning("I-PPO: no completion of the generation batch at step %d%s has an influence score above "

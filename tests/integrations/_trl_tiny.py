@@ -13,6 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, RLOOConfig
 
 from ippo.integrations.trl import IPPOGRPOTrainer, IPPORLOOTrainer
+from ippo.kernels import LoRAGrad, lora_weights
 from ippo.testing import tiny_tokenizer
 
 PROMPTS = ["1+1=", "2+3=", "7-4=", "9*1=", "5+5=", "8-2=", "3*3=", "6+1="]
@@ -95,9 +96,9 @@ def copy_batch(batch: dict) -> dict:
 
 def recording(base):
     """``base`` (an I-PPO trainer class) recording each filter call: the micro-batches before, the scores, the
-    validation gradient, the advantages after, and the state around the scoring pass (with random .grad installed
-    on the LoRA weights during it). ``force_scores(scores, trainer)`` replaces the real scores after they are
-    computed (the real scoring pass still runs)."""
+    validation rows drawn and their gradient, the advantages after, and the state around the scoring pass (with
+    random .grad installed on the LoRA weights during it). ``force_scores(scores, trainer)`` replaces the real scores
+    after they are computed (the real scoring pass still runs)."""
 
     class Recording(base):
         def __init__(self, *args, force_scores=None, **kwargs):
@@ -127,6 +128,11 @@ def recording(base):
             record["rng_after"] = torch.get_rng_state()
             for n, p in lora.items():
                 p.grad = saved_grads[n]
+
+        def _ippo_validation_indices(self):
+            indices = super()._ippo_validation_indices()
+            self.records[-1]["val_indices"] = list(indices)
+            return indices
 
         def _ippo_scores(self, batches, val_grads):
             scores = super()._ippo_scores(batches, val_grads)
@@ -189,10 +195,10 @@ class RowGate:
         return out
 
 
-def lora_params(model, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(lora_A weight, lora_B weight)] of the "default" adapter of each layer in ``layers`` (module names)."""
-    return [(model.get_submodule(n).lora_A["default"].weight, model.get_submodule(n).lora_B["default"].weight)
-            for n in layers]
+def lora_params(model, layers) -> list[LoRAGrad]:
+    """[LoRAGrad(lora_A weight, lora_B weight)] of the active adapter of each layer in ``layers`` (module names)."""
+    weights = lora_weights(model)
+    return [weights[n] for n in layers]
 
 
 def reference_scores(trainer, batch, val_grads, scale: float) -> torch.Tensor:

@@ -55,16 +55,6 @@ GRPO_CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and on a shared 2-core machine a second thread that
-    waits for a busy core makes every small matmul wait too (observed: 10-50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def recorded_run(cls, tmp_path_factory, **settings):
     """One generation batch through ``cls`` (a recording trainer); returns (trainer, its record, settings)."""
     trainer = make_trainer(cls, tmp_path_factory.mktemp("run"), max_steps=1, perturb=settings.get("beta", 0) > 0,
@@ -425,3 +415,31 @@ def test_rloo_stops(tmp_path):
     trainer.train()
     assert trainer.ippo_stopped and trainer.state.global_step == 1
     assert all(torch.equal(v, initial[n]) for n, v in lora_state(trainer.model).items())
+
+
+def test_uses_the_shared_functions(tmp_path, monkeypatch):
+    # the filter's math is ippo.train.ppo_math's, the LoRA lookup and the checks ippo.kernels' (no copies in trl.py)
+    import ippo.integrations.trl as module
+    from ippo import kernels
+    from ippo.train import config, ppo_math
+
+    assert module.STOP_RULES is config.STOP_RULES
+    calls = {}
+
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return function(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
+
+    for name, function in [("ippo_filter", ppo_math.ippo_filter), ("evidence_stop", ppo_math.evidence_stop),
+                           ("lora_weights", kernels.lora_weights),
+                           ("check_validation_gradient", kernels.check_validation_gradient),
+                           ("segment_ids_from_mask", kernels.segment_ids_from_mask)]:
+        spy(name, function)
+    trainer = make_trainer(RecordingGRPO, tmp_path, max_steps=1, gradient_accumulation_steps=2)
+    trainer.train()
+    assert set(calls) == {"ippo_filter", "evidence_stop", "lora_weights", "check_validation_gradient",
+                          "segment_ids_from_mask"}
+    assert calls["ippo_filter"] == calls["evidence_stop"] == 1 and calls["segment_ids_from_mask"] == 2
+    check_weights(trainer.records[0])
