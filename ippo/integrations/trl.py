@@ -4,7 +4,17 @@ a completion only if a step on it lowers a validation loss.
 Both take TRL's own arguments and config unchanged, plus ``validation_dataset`` (rows with ``prompt`` and
 ``completion``: gold answers whose SFT loss is the validation loss), ``ippo_val_size`` (pairs drawn per generation
 batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or "paper"),
-``ippo_stop_patience`` (default 2) and ``ippo_stop_when_empty`` (default True).
+``ippo_stop_patience`` (default 2) and ``ippo_stop_when_empty`` (default True; a bool, as every ``ippo_*`` keyword
+must have its own type: ``"False"`` is refused, not taken as True).
+
+``validation_dataset`` is a ``datasets.Dataset`` or a list (tuple) of dicts; a dict of columns is refused (pass
+``Dataset.from_dict(columns)``). Every row is checked and tokenized at construction, as TRL tokenizes prompts; a
+ValueError names the row: ``prompt`` a non-empty string or list of chat messages, ``completion`` a non-blank string,
+or (with a chat prompt) a list of messages with some text. A text completion gets the EOS token appended; a chat one
+is rendered by the chat template after the prompt. Long rows are cut to the trainer's lengths: the completion keeps
+its first ``max_completion_length`` tokens (as generation cuts completions), the prompt its last
+``max_prompt_length`` tokens when the config has that field (TRL's left cut; TRL 1.16's ``GRPOConfig`` and
+``RLOOConfig`` have none and do not truncate the training prompts, so neither are the validation prompts).
 
 Once per generation batch, after TRL has generated, rewarded and computed advantages, and before any optimizer step
 on it (override point: ``_prepare_inputs``, right after TRL has shuffled the generation batch and split it into the
@@ -61,7 +71,8 @@ Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
 Linear (e.g. Embedding, Conv), trainable parameters outside the LoRA A/B weights (e.g. ``modules_to_save``: the
 score would not cover them), MoE router aux loss (it couples the rows of a batch), vision-language processors, a
-negative ``ippo_tol``, and a validation gradient that is zero (or not finite) for every LoRA parameter. Allowed but
+negative ``ippo_tol``, an ``ippo_*`` keyword of the wrong type, a bad ``validation_dataset`` row, and a validation
+gradient that is zero (or not finite) for every LoRA parameter. Allowed but
 not yet tested: DeepSpeed ZeRO-1/2, vLLM generation, tools/environments, CUDA (the tests run TRL on CPU, 1 and 2
 processes).
 """
@@ -71,12 +82,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import random
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
@@ -141,6 +155,64 @@ class _IPPOStopCallback(TrainerCallback):
             control.should_save = True
 
 
+def _check_validation_container(name: str, dataset) -> None:
+    """ValueError unless ``dataset`` is a non-empty datasets.Dataset or list (tuple) of rows."""
+    if dataset is None:
+        raise ValueError(f"{name}: validation_dataset is required: a datasets.Dataset or a list of rows with 'prompt' "
+                         "and 'completion' (the gold answers whose SFT loss defines the validation gradient)")
+    if isinstance(dataset, Mapping):
+        if isinstance(dataset, DatasetDict):
+            raise ValueError(f"{name}: validation_dataset is a DatasetDict; pass one of its splits, e.g. "
+                             f"dataset[{next(iter(dataset), 'validation')!r}]")
+        raise ValueError(f"{name}: validation_dataset is a dict (of columns?); pass datasets.Dataset.from_dict(it), "
+                         "or a list of rows with 'prompt' and 'completion'")
+    if not isinstance(dataset, (Dataset, list, tuple)):
+        raise ValueError(f"{name}: validation_dataset must be a datasets.Dataset or a list of rows with 'prompt' and "
+                         f"'completion'; got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: validation_dataset is empty")
+
+
+def _is_messages(value) -> bool:
+    """A non-empty list of chat messages, as TRL decides it (``is_conversational``)."""
+    return isinstance(value, list) and bool(value) and is_conversational({"prompt": value})
+
+
+def _message_text(message: Mapping) -> str:
+    """The text of a chat message: its content string, or the text parts of a multi-part content."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if isinstance(part, Mapping))
+    return ""
+
+
+def _check_validation_row(where: str, prompt, completion) -> None:
+    """ValueError (prefixed ``where``) unless the row's prompt is a non-empty string or list of messages and its
+    completion a non-blank string, or (with a list-of-messages prompt) a list of messages with some text."""
+    if isinstance(prompt, list) and not prompt or prompt == "":
+        raise ValueError(f"{where}: the prompt is empty")
+    if not isinstance(prompt, str) and not _is_messages(prompt):
+        raise ValueError(f"{where}: 'prompt' must be a string or a list of messages ({{'role', 'content'}}); got "
+                         f"{type(prompt).__name__}")
+    if isinstance(completion, list) and not completion:
+        raise ValueError(f"{where}: the completion is empty (no messages)")
+    if isinstance(completion, str) or (isinstance(prompt, str) and not isinstance(completion, list)):
+        if not isinstance(completion, str):
+            raise ValueError(f"{where}: 'completion' must be a string; got {type(completion).__name__}")
+        if not completion.strip():
+            raise ValueError(f"{where}: the completion is empty")
+        return
+    if isinstance(prompt, str):
+        raise ValueError(f"{where}: a list-of-messages completion needs a list-of-messages prompt; got a string prompt")
+    if not _is_messages(completion):
+        raise ValueError(f"{where}: 'completion' must be a string or a list of messages ({{'role', 'content'}}); got "
+                         f"{type(completion).__name__}")
+    if not any(_message_text(m).strip() for m in completion):
+        raise ValueError(f"{where}: the completion is empty (its messages have no text)")
+
+
 class _IPPOMixin:
     """The I-PPO filter for TRL's online trainers (GRPO, RLOO); see the module docstring."""
 
@@ -148,32 +220,31 @@ class _IPPOMixin:
                  ippo_stop_rule: str = "evidence", ippo_stop_patience: int = 2, ippo_stop_when_empty: bool = True,
                  **kwargs):
         name = type(self).__name__
-        if validation_dataset is None or not hasattr(validation_dataset, "__getitem__"):
-            raise ValueError(f"{name}: validation_dataset is required: a datasets.Dataset or a list of rows with "
-                             "'prompt' and 'completion' (the gold answers whose SFT loss defines the validation "
-                             f"gradient); got {type(validation_dataset).__name__}")
-        if len(validation_dataset) == 0:
-            raise ValueError(f"{name}: validation_dataset is empty")
-        if isinstance(ippo_val_size, bool) or not isinstance(ippo_val_size, int) or ippo_val_size < 1:
+        _check_validation_container(name, validation_dataset)
+        integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
+        if not integer(ippo_val_size) or ippo_val_size < 1:
             raise ValueError(f"{name}: ippo_val_size must be an int >= 1; got {ippo_val_size!r}")
-        if (isinstance(ippo_tol, bool) or not isinstance(ippo_tol, (int, float)) or not math.isfinite(ippo_tol)
+        if (isinstance(ippo_tol, bool) or not isinstance(ippo_tol, numbers.Real) or not math.isfinite(ippo_tol)
                 or ippo_tol < 0):
             raise ValueError(f"{name}: ippo_tol must be a finite number >= 0 (kept rows are weighted by s_i / mean of "
                              f"the kept scores, which needs positive kept scores); got {ippo_tol!r}")
-        if ippo_stop_rule not in STOP_RULES:
+        if not isinstance(ippo_stop_rule, str) or ippo_stop_rule not in STOP_RULES:
             raise ValueError(f"{name}: ippo_stop_rule must be one of {STOP_RULES}; got {ippo_stop_rule!r}")
-        if isinstance(ippo_stop_patience, bool) or not isinstance(ippo_stop_patience, int) or ippo_stop_patience < 1:
+        if not integer(ippo_stop_patience) or ippo_stop_patience < 1:
             raise ValueError(f"{name}: ippo_stop_patience must be an int >= 1; got {ippo_stop_patience!r}")
+        if not isinstance(ippo_stop_when_empty, bool):
+            raise ValueError(f"{name}: ippo_stop_when_empty must be True or False; got {ippo_stop_when_empty!r}")
         super().__init__(*args, **kwargs)
         self.ippo_validation_dataset = validation_dataset
-        self.ippo_val_size, self.ippo_tol = ippo_val_size, float(ippo_tol)
-        self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, ippo_stop_patience
-        self.ippo_stop_when_empty = bool(ippo_stop_when_empty)
+        self.ippo_val_size, self.ippo_tol = int(ippo_val_size), float(ippo_tol)
+        self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, int(ippo_stop_patience)
+        self.ippo_stop_when_empty = ippo_stop_when_empty
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop (reset when train() starts)
         self._ippo_val_cache: dict[int, tuple[list[int], list[int]]] = {}
         self._ippo_lora_weights()  # refuses unsupported set-ups now rather than at the first generation batch
-        self._ippo_val_pair(0)  # and a validation row TRL's tokenizer cannot take
+        for index in range(len(validation_dataset)):  # and any validation row TRL's tokenizer cannot take
+            self._ippo_val_pair(index)
         self.add_callback(_IPPOStopCallback(self))
 
     # ---- checks ------------------------------------------------------------------------------------------------
@@ -224,50 +295,57 @@ class _IPPOMixin:
     def _ippo_val_pair(self, index: int) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) of validation row ``index``, tokenized as TRL tokenizes prompts; a text
         completion gets the EOS token appended, a conversational one is rendered by the chat template (and cut after
-        its last EOS)."""
+        its last EOS). The prompt keeps its last ``max_prompt_length`` tokens if the config has one (TRL 1.16's GRPO
+        and RLOO have none, and do not truncate prompts), the completion its first ``max_completion_length``."""
         cached = self._ippo_val_cache.get(index)
         if cached is not None:
             return cached
-        name = type(self).__name__
         row = self.ippo_validation_dataset[index]
-        if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
-            raise ValueError(f"{name}: validation_dataset row {index} must have 'prompt' and 'completion'; got "
-                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        where = f"{type(self).__name__}: validation_dataset row {index}"
+        if not isinstance(row, Mapping) or "prompt" not in row or "completion" not in row:
+            raise ValueError(f"{where} must have 'prompt' and 'completion'; got "
+                             f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}")
         prompt, completion = row["prompt"], row["completion"]
-        tokenizer, eos = self.processing_class, self._tokenizer.eos_token_id
-        eos_ids = set(getattr(self, "eos_token_ids", None) or [eos])
-        if is_conversational({"prompt": prompt}):
-            kwargs = {"tokenize": True, "return_dict": True, **(getattr(self, "chat_template_kwargs", None) or {})}
-            if getattr(self, "tools", None):
-                kwargs["tools"] = self.tools
-            if getattr(self, "chat_template", None) is not None:
-                kwargs["chat_template"] = self.chat_template
-            prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs)["input_ids"])
-            if isinstance(completion, str):
-                completion_ids = list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
-            elif is_conversational({"completion": completion}):
-                full = list(tokenizer.apply_chat_template(list(prompt) + list(completion), **kwargs)["input_ids"])
-                if full[:len(prompt_ids)] != prompt_ids:
-                    raise ValueError(f"{name}: validation_dataset row {index}: the chat template renders prompt + "
-                                     "completion with a different prefix than the prompt alone, so the completion "
-                                     "tokens are ambiguous; give the completion as a string")
-                completion_ids = full[len(prompt_ids):]
-                ends = [i for i, token in enumerate(completion_ids) if token in eos_ids]
-                if ends:
-                    completion_ids = completion_ids[:ends[-1] + 1]
-            else:
-                raise ValueError(f"{name}: validation_dataset row {index}: 'completion' must be a string or a list of "
-                                 f"messages; got {type(completion).__name__}")
-        elif isinstance(prompt, str) and isinstance(completion, str):
-            prompt_ids = list(tokenizer(text=prompt)["input_ids"])
-            completion_ids = list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
-        else:
-            raise ValueError(f"{name}: validation_dataset row {index}: 'prompt' and 'completion' must be strings, or "
-                             f"the prompt a list of messages; got {type(prompt).__name__}, {type(completion).__name__}")
-        if not completion_ids:
-            raise ValueError(f"{name}: validation_dataset row {index} has an empty completion")
+        _check_validation_row(where, prompt, completion)
+        try:
+            prompt_ids, completion_ids = self._ippo_tokenize(where, prompt, completion)
+        except ValueError:
+            raise
+        except Exception as error:  # the tokenizer's or the chat template's own error, on this row
+            raise ValueError(f"{where} cannot be tokenized: {type(error).__name__}: "
+                             f"{(str(error).splitlines() or [''])[0]}") from error
+        max_prompt, max_completion = getattr(self.args, "max_prompt_length", None), self.args.max_completion_length
+        if max_prompt is not None:
+            prompt_ids = prompt_ids[-max_prompt:]
+        if max_completion is not None:
+            completion_ids = completion_ids[:max_completion]
+        if not prompt_ids or not completion_ids:
+            raise ValueError(f"{where}: the {'completion' if prompt_ids else 'prompt'} has no tokens")
         self._ippo_val_cache[index] = (prompt_ids, completion_ids)
         return prompt_ids, completion_ids
+
+    def _ippo_tokenize(self, where: str, prompt, completion) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of a checked validation row, before truncation."""
+        tokenizer, eos = self.processing_class, self._tokenizer.eos_token_id
+        eos_ids = set(getattr(self, "eos_token_ids", None) or [eos])
+        if isinstance(prompt, str):
+            prompt_ids = list(tokenizer(text=prompt)["input_ids"])
+            return prompt_ids, list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
+        kwargs = {"tokenize": True, "return_dict": True, **(getattr(self, "chat_template_kwargs", None) or {})}
+        if getattr(self, "tools", None):
+            kwargs["tools"] = self.tools
+        if getattr(self, "chat_template", None) is not None:
+            kwargs["chat_template"] = self.chat_template
+        prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs)["input_ids"])
+        if isinstance(completion, str):
+            return prompt_ids, list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
+        full = list(tokenizer.apply_chat_template(list(prompt) + list(completion), **kwargs)["input_ids"])
+        if full[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"{where}: the chat template renders prompt + completion with a different prefix than the "
+                             "prompt alone, so the completion tokens are ambiguous; give the completion as a string")
+        completion_ids = full[len(prompt_ids):]
+        ends = [i for i, token in enumerate(completion_ids) if token in eos_ids]
+        return prompt_ids, completion_ids[:ends[-1] + 1] if ends else completion_ids
 
     def _ippo_validation_indices(self) -> list[int]:
         """The validation rows of this generation batch: the same on every process (a function of seed and steps)."""
@@ -450,10 +528,12 @@ class IPPOGRPOTrainer(_IPPOMixin, GRPOTrainer):
     loss is above ``ippo_tol``, weights the kept ones by score / mean kept score, stops when none is kept
     (``ippo_stop_rule``).
 
-    Extra keyword arguments (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (rows with ``prompt`` and
-    ``completion``, the gold answers), ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol``
-    (default 0.0), ``ippo_stop_rule`` ("evidence" or "paper"), ``ippo_stop_patience`` (default 2),
-    ``ippo_stop_when_empty`` (default True). See ``ippo.integrations.trl``'s docstring.
+    Extra keyword arguments (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (a ``datasets.Dataset`` or
+    a list of rows with ``prompt`` and ``completion``, the gold answers; every row is checked at construction, the
+    completion cut to ``max_completion_length`` tokens, the prompt to ``max_prompt_length`` if the config has one),
+    ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule``
+    ("evidence" or "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True, a bool).
+    See ``ippo.integrations.trl``'s docstring.
     """
 
     _tag_names = ["trl", "grpo", "ippo"]
