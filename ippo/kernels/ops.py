@@ -4,7 +4,8 @@ argument checks, torch.library registration, and the segment bookkeeping shared 
 ``segment_sketch``).
 
 Each op checks its own inputs (in its implementation and its fake impl, so torch.ops callers and
-torch.compile get the same errors); the Python wrappers add only the segment id value check.
+torch.compile get the same errors). The Python wrappers run the same checks before the dispatcher (which refuses
+a non-tensor, or an int outside int64, with a message of its own) and add the segment id value check.
 
 Sign convention: s_i = < dl_i/dtheta , dL_val/dtheta >. A gradient step on episode i moves theta by
 -lr * dl_i/dtheta, which changes L_val by about -lr * s_i: positive s_i means training on episode i

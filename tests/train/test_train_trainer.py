@@ -155,13 +155,14 @@ def test_ippo_keep_and_normalized_weights_reach_the_update(tmp_path, monkeypatch
 
 def test_ppo_update_gradient_is_the_weighted_mean_of_kept_episode_gradients(tmp_path, monkeypatch):
     """The update's gradient equals (1 / |kept|) sum_{i kept} w_i dl_i/dtheta, each dl_i/dtheta from an explicit
-    autograd call on episode i alone (value loss off): weights that do not reach the loss, or dropped episodes that
-    do, fail this."""
-    cfg = cfg_for(tmp_path, algo="ippo", epochs=1, minibatch=8, vf_coef=0.0, max_grad_norm=1e9, sft_steps=0)
+    autograd call on episode i alone: weights that do not reach the loss, dropped episodes that do, or a value loss
+    that reaches the LoRA weights (its head reads detached hidden states) fail this."""
+    cfg = cfg_for(tmp_path, algo="ippo", epochs=1, minibatch=8, vf_coef=0.5, max_grad_norm=1e9, sft_steps=0)
     L, _, _ = T.setup_learner(cfg, tmp_path / "run", False, tiny(), coin, lambda _: None, False)
     with torch.no_grad():  # LoRA B starts at 0 (then dl/dA = 0): move it so every LoRA weight gets a gradient
         for p in L.lora_params:
             p.add_(torch.randn_like(p) * 0.05)
+        L.value_head.weight.normal_()  # a zero head would pass no value-loss gradient down, detached or not
     buf = T.rollout(L, 1)
     T.compute_advantages(cfg, buf)
     keep = torch.tensor([True, False, True, False, False, True])
