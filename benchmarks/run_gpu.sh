@@ -6,11 +6,12 @@
 #   bash benchmarks/run_gpu.sh OUT_DIR
 # Each stage has its own time limit, so one slow stage cannot eat the others; a stage's failure is reported
 # and the next stage still runs. Subset of benchmark configurations: IPPO_BENCH_CONFIGS="name,name".
+# The benchmarks stage runs the whole suite, long studies included (IPPO_BENCH_FULL=1), and writes to OUT_DIR.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 IPPO_BENCH_OUT="$out"
+export PYTHONUNBUFFERED=1 IPPO_BENCH_OUT="$out" IPPO_BENCH_FULL=1  # the long studies too (benchmarks/conftest.py)
 status=0
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2

@@ -8,7 +8,10 @@ tests/test_sketches.py), so each seed costs one backward. For each k and project
 of ``sketches @ sketch_gradients(val_grads, k)`` with the exact scores, the fraction of episodes whose sign
 agrees, and the relative RMS error.
 
-    .venv/bin/python benchmarks/sketch_accuracy.py [--seeds 2] [--threads 2] [--out benchmarks/results/...json]
+    .venv/bin/python benchmarks/sketch_accuracy.py [--seeds 2] [--threads 2] [--out FILE.json]
+
+Writes $IPPO_BENCH_OUT/sketch_accuracy.json (default runs/bench/, untracked) unless --out names a file; the committed
+record is benchmarks/results/sketch_accuracy.json.
 
 Adapter: the cached SFT warm start of the default config (``ippo train``'s) when it exists, else lora_B ~
 N(0, 0.02) (``--adapter random`` forces that); the run says which. Torch backend, CPU, float32.
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=5, help="projection seeds (one scored backward each)")
     parser.add_argument("--adapter", choices=["sft", "random"], default="sft")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sketch_accuracy.json"))
+    parser.add_argument("--out", default=None, help="result JSON (default: $IPPO_BENCH_OUT or runs/bench/, "
+                        "sketch_accuracy.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -115,8 +119,13 @@ def main(argv=None) -> dict:
                   positive_fraction=float((exact > 0).float().mean()),
                   zero_scores=int((exact == 0).sum()), setup_s=setup_s, backward_s=backward_s,
                   rows=rows)
+    if args.out is None:
+        from report import out_dir  # benchmarks/report.py (this script's folder)
+
+        args.out = out_dir() / "sketch_accuracy.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"written to {args.out}")
     print(markdown(result))
     return result
 

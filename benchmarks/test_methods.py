@@ -4,7 +4,8 @@ Methods (``baselines.py``): plain forward+backward (the baseline), InfluenceScor
 per-episode backward loop (published method), torch.func vmap per-sample gradients, eager "reduced ghost"
 hooks, eager LoGra-style projection hooks; and the scorer's variants: with whole-model sketches
 (k = ``SKETCH_K`` = 512, the width of the LoGra hooks' k = 16 per side per LoRA layer), sketches only, and
-scoring only (no LoRA weight gradients). Run: ``pytest benchmarks/ --benchmark-only``.
+scoring only (no LoRA weight gradients). Run: ``pytest benchmarks/ --benchmark-only`` (the configurations outside
+the default set need ``IPPO_BENCH_FULL=1``: see conftest.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from baselines import METHODS, full_row_losses
-from conftest import CONFIGS, DEVICE, RESULTS, save_results, setup
+from conftest import DEVICE, RESULTS, config_params, save_results, setup
 
 from ippo.kernels import validation_gradients
 from ippo.kernels.backends import unavailable_reason
@@ -45,7 +46,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=config_params())
 def config(request):
     return request.param
 

@@ -6,9 +6,11 @@ minutes apart at most; a shared machine's drift cancels there, not across rounds
 "name=path.py,..."`` adds other versions of ``ippo/kernels/scorer.py`` (e.g. ``git show HEAD:ippo/kernels/scorer.py
 > /tmp/before.py``) as methods ``scorer (name)``, so a change is measured against the code before it in the same
 run. ``IPPO_BENCH_ROUNDS`` (default 5), ``IPPO_BENCH_TOKENS`` (episodes x tokens, default ``8x128``). Results:
-benchmarks/results/scorer_overhead_<device>.json (``IPPO_BENCH_OUT`` to change the folder). Run:
+scorer_overhead_<device>.json in $IPPO_BENCH_OUT (default runs/bench/). A long study (on one CPU core a
+forward+backward at this shape took ~7 s of CPU time, so the default 5 rounds of 3 methods and a warm-up take ~2
+minutes at least): marked ``full``, so it runs only with ``IPPO_BENCH_FULL=1``:
 
-    OMP_NUM_THREADS=1 pytest benchmarks/test_scorer_overhead.py --benchmark-only
+    IPPO_BENCH_FULL=1 OMP_NUM_THREADS=1 pytest benchmarks/test_scorer_overhead.py --benchmark-only
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import importlib.util
 import json
 import os
 import statistics
-from pathlib import Path
+from datetime import date
 
 import pytest
 import torch
 from baselines import full_row_losses
-from conftest import DEVICE, DTYPE, MODELS, device_name, versions
+from conftest import DEVICE, DTYPE, MODELS, device_name, git_commit, versions
+from report import out_dir
 
 from ippo.kernels import InfluenceScorer, validation_gradients
 from ippo.testing import lora_llama
@@ -32,6 +35,9 @@ EPISODES, TOKENS = (int(v) for v in os.environ.get("IPPO_BENCH_TOKENS", "8x128")
 OTHER_SCORERS = dict(item.split("=", 1) for item in os.environ.get("IPPO_BENCH_SCORERS", "").split(",") if item)
 METHODS = ["plain", *(f"scorer ({name})" for name in OTHER_SCORERS), "scorer", "scorer, no LoRA grads"]
 TIMES: dict[str, list[float]] = {}
+STUDY = f"scorer overhead, smollm2-135m {EPISODES}x{TOKENS}, interleaved rounds"
+
+pytestmark = pytest.mark.full
 
 
 def scorer_class(method: str):
@@ -66,9 +72,10 @@ def save() -> dict:
         summary[method] = {"times_s": times, "ratio_per_round": ratios,
                            "ratio_of_fastest": min(times) / min(plain) if plain else None,
                            "median_ratio": statistics.median(ratios) if ratios else None}
-    payload = {"device": device_name(), "versions": versions(), "threads": torch.get_num_threads(),
+    payload = {"device": device_name(), "date": date.today().isoformat(), "commit": git_commit(),
+               "versions": versions(), "threads": torch.get_num_threads(),
                "shape": f"smollm2-135m {EPISODES}x{TOKENS} r16 {DTYPE}", "methods": summary}
-    out = Path(os.environ.get("IPPO_BENCH_OUT", Path(__file__).parent / "results"))
+    out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"scorer_overhead_{DEVICE}.json").write_text(json.dumps(payload, indent=2))
     return summary
@@ -94,6 +101,7 @@ def test_scorer_overhead(benchmark, setup, round_, method):
             torch.cuda.synchronize()
 
     benchmark.group = f"round {round_}"
+    benchmark.extra_info["study"] = STUDY  # the closing table: median over rounds of each round's ratio
     benchmark.pedantic(step, rounds=1, warmup_rounds=1 if round_ == 0 else 0, iterations=1)
     TIMES.setdefault(method, []).append(benchmark.stats.stats.min)
     summary = save()
