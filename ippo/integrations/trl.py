@@ -58,14 +58,22 @@ Intrinsic stop (with ``ippo_stop_when_empty``): ``ippo_stop_rule="paper"`` stops
 which no row is kept on any process. ``"evidence"`` (the default) stops after ``ippo_stop_patience`` generation
 batches in a row that carry reward signal (a row with non-zero advantage on some process) and keep none of it; a
 batch without signal (every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the
-streak, and trains as plain TRL would (every advantage is 0). The streak lives in the trainer: it restarts at 0 when
-``train()`` starts, a resumed run included. At the stop, the micro-batches of that batch run no forward/backward,
-the optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and
+streak, and trains as plain TRL would (every advantage is 0). At the stop, the micro-batches of that batch run no
+forward/backward, the optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and
 ``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and scheduler state are those of the
 last update; gradients accumulated earlier in that window are discarded), and training stops: the Trainer logs that
 step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at ``max_steps``
 (``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then True.
 ``global_step`` counts that window.
+
+Checkpoints and resume: the I-PPO state (the stop flag ``ippo_stopped``, the evidence rule's streak, and the number
+of validation draws made, which seeds the next draw) is written into every TRL checkpoint, in trainer_state.json's
+``stateful_callbacks`` (transformers' ``ExportableState`` mechanism), and ``train(resume_from_checkpoint=...)``
+restores it whatever ``restore_callback_states_from_checkpoint`` says; so a resumed run draws the same validation
+pairs and counts the same streak as the uninterrupted one. Resuming from a checkpoint saved at (or after) the stop
+trains no further: it logs that the run had stopped, runs no step and saves nothing (``ippo_stop_when_empty=False``
+trains on instead). A checkpoint without the I-PPO state (an older version's) resumes with a fresh one. A ``train()``
+that does not resume starts from a fresh state.
 
 Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded LoRA parameters),
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
@@ -93,6 +101,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from trl import GRPOTrainer, RLOOTrainer
 from trl.data_utils import is_conversational
@@ -110,24 +119,27 @@ logger = logging.getLogger(__name__)
 # restores it, as it restores TRL's metrics.
 _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
+# The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made.
+_SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws")
 
 
 def _skipped_step(*args, **kwargs) -> None:
     """Stands in for optimizer.step / lr_scheduler.step on the step that the intrinsic stop skips."""
 
 
-class _IPPOStopCallback(TrainerCallback):
+class _IPPOStopCallback(TrainerCallback, ExportableState):
     """The intrinsic stop: skips the optimizer and scheduler step of the window in which the stop was decided, then
-    stops training the way the Trainer stops at max_steps (log, final checkpoint)."""
+    stops training the way the Trainer stops at max_steps (log, final checkpoint). Its ``state()`` is the trainer's
+    I-PPO state, which the Trainer writes into every checkpoint's trainer_state.json (``stateful_callbacks``); the
+    trainer restores it on resume (``_IPPOMixin._load_callback_state``)."""
 
     def __init__(self, trainer: _IPPOMixin):
         self._trainer = weakref.ref(trainer)
         self._patched: list[tuple[Any, Any]] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def state(self) -> dict:
         trainer = self._trainer()
-        if trainer is not None:
-            trainer.ippo_stopped, trainer._ippo_streak = False, 0
+        return {"args": {}, "attributes": {} if trainer is None else trainer._ippo_saved_state()}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
@@ -240,7 +252,8 @@ class _IPPOMixin:
         self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, int(ippo_stop_patience)
         self.ippo_stop_when_empty = ippo_stop_when_empty
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
-        self.ippo_stopped = False  # True once training ended by the intrinsic stop (reset when train() starts)
+        self.ippo_stopped = False  # True once training ended by the intrinsic stop
+        self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
         self._ippo_val_cache: dict[int, tuple[list[int], list[int]]] = {}
         self._ippo_lora_weights()  # refuses unsupported set-ups now rather than at the first generation batch
         for index in range(len(validation_dataset)):  # and any validation row TRL's tokenizer cannot take
@@ -348,11 +361,13 @@ class _IPPOMixin:
         return prompt_ids, completion_ids[:ends[-1] + 1] if ends else completion_ids
 
     def _ippo_validation_indices(self) -> list[int]:
-        """The validation rows of this generation batch: the same on every process (a function of seed and steps)."""
-        n = len(self.ippo_validation_dataset)
+        """The validation rows of this generation batch: the same on every process, a function of the seed and the
+        number of draws made in the run (saved in checkpoints, so a resumed run draws as the uninterrupted one)."""
+        n, draw = len(self.ippo_validation_dataset), self._ippo_draws
+        self._ippo_draws += 1
         if self.ippo_val_size >= n:
             return list(range(n))
-        rng = random.Random(f"ippo-validation:{self.args.seed}:{self.state.global_step}:{self._step}")
+        rng = random.Random(f"ippo-validation:{self.args.seed}:{draw}")
         return sorted(rng.sample(range(n), self.ippo_val_size))
 
     def _ippo_validation_gradients(self, indices: list[int]) -> dict[str, LoRAGrad]:
@@ -499,6 +514,48 @@ class _IPPOMixin:
                            "" if self.ippo_stop_rule == "paper" else
                            f" (batch {self._ippo_streak} in a row with reward signal and nothing kept)",
                            self.ippo_tol, int(rows), int(signal_rows), int(positive))
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        # a fresh I-PPO state; a resume then restores the checkpoint's (_load_callback_state)
+        self.ippo_stopped, self._ippo_streak, self._ippo_draws = False, 0, 0
+        return super().train(*args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        """On resume: restores the I-PPO state from the checkpoint's trainer_state.json (always: it is the run's
+        state, like the optimizer's, not an optional callback setting), then lets the Trainer restore the other
+        callbacks (``restore_callback_states_from_checkpoint``) without re-creating this trainer's own."""
+        name, saved = _IPPOStopCallback.__name__, self.state.stateful_callbacks
+        attributes = saved[name].get("attributes", {}) if isinstance(saved.get(name), dict) else {}
+        if set(attributes) >= set(_SAVED_STATE):
+            for key in _SAVED_STATE:
+                setattr(self, key, attributes[key])
+        else:
+            logger.warning("I-PPO: the checkpoint holds no I-PPO state (saved by an older version?); the stop rule's "
+                           "streak and the validation draws start afresh")
+        if self.ippo_stopped and not self.ippo_stop_when_empty:
+            logger.warning("I-PPO: the run had stopped at this checkpoint (intrinsic stop, global step %d); "
+                           "ippo_stop_when_empty=False: training on", self.state.global_step)
+            self.ippo_stopped = False
+        elif self.ippo_stopped:
+            logger.warning("I-PPO: the run had stopped at this checkpoint (intrinsic stop, global step %d: no "
+                           "completion kept, ippo_stop_rule=%r); resuming does not train further (ippo_stop_when_empty"
+                           "=False would train on)", self.state.global_step, self.ippo_stop_rule)
+        self.state.stateful_callbacks = {k: v for k, v in saved.items() if k != name}
+        try:
+            super()._load_callback_state()
+        finally:
+            self.state.stateful_callbacks = {**saved, name: {"args": {}, "attributes": self._ippo_saved_state()}}
+
+    def _ippo_saved_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _SAVED_STATE}
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.ippo_stopped:  # resumed from the checkpoint of a stopped run: no step, straight to the end of training
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # ---- TRL hooks ---------------------------------------------------------------------------------------------
 
