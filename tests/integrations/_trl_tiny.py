@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -251,3 +252,14 @@ def pad_batches(batches: list[dict], pad_id: int) -> dict:
         else:
             out[key] = values[0]
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Autouse in every test module that imports it. The models here are tiny: one intra-op thread is fastest, and on
+    a shared 2-core machine a second thread that waits for a busy core makes every small matmul wait too (observed:
+    10-50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

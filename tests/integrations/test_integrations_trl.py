@@ -30,6 +30,7 @@ from _trl_tiny import (
     load_lora_state,
     lora_state,
     make_trainer,
+    one_thread,  # noqa: F401 (autouse)
     pad_batches,
     reference_scores,
     reference_validation_gradients,

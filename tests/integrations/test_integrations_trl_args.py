@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from _trl_tiny import VALIDATION, make_trainer, tokenizer
+from _trl_tiny import VALIDATION, make_trainer, one_thread, tokenizer  # noqa: F401 (one_thread: autouse)
 from datasets import Dataset
 from trl import GRPOConfig
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from _trl_tiny import RecordingGRPO, lora_state, make_trainer
+from _trl_tiny import RecordingGRPO, lora_state, make_trainer, one_thread  # noqa: F401 (one_thread: autouse)
 
 # Every generation batch has reward signal and keeps nothing: the evidence rule stops at the 2nd, step 2. 2 of the 6
 # validation pairs per batch, so the draw position matters.
