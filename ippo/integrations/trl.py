@@ -477,16 +477,12 @@ class _IPPOMixin:
         if self.accelerator.num_processes > 1:
             gathered = self.accelerator.gather(gathered)
         all_scores, all_signal = gathered[:, 0], gathered[:, 1].bool()
-        try:
-            result = ippo_filter(all_scores, self.ippo_tol, all_signal if self.ippo_stop_rule == "evidence" else None)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__}: the influence scores of the generation batch at step "
-                             f"{self.state.global_step}: {error} (TRL's loss on these completions is not finite)"
-                             ) from error
+        result = ippo_filter(all_scores, self.ippo_tol, all_signal if self.ippo_stop_rule == "evidence" else None)
         mine = slice(self.accelerator.process_index * len(local), (self.accelerator.process_index + 1) * len(local))
         keep, weights = result.keep[mine], result.weights[mine]
         kept, rows, signal_rows = int(result.keep.sum()), all_scores.numel(), int(all_signal.sum())
-        positive, total = int((all_scores > 0).sum()), float(all_scores.sum())
+        finite = all_scores.isfinite()  # a non-finite score (its loss overflowed) is dropped by ippo_filter
+        positive, total = int((all_scores > 0).sum()), float(all_scores[finite].sum())
         offset = 0
         for batch, batch_scores in zip(batches, scores):
             n = batch_scores.numel()
@@ -500,6 +496,7 @@ class _IPPOMixin:
         metrics["ippo/score_mean"].append(total / max(rows, 1.0))
         metrics["ippo/score_pos_frac"].append(positive / max(rows, 1.0))
         metrics["ippo/signal_fraction"].append(signal_rows / max(rows, 1.0))
+        metrics["ippo/nonfinite_scores"].append(float((~finite).sum()))
         metrics["ippo/scoring_seconds"].append(time.perf_counter() - start)
         if self.ippo_stop_rule == "paper":
             empty = result.stop

@@ -218,18 +218,20 @@ def ippo_filter(scores: Tensor, tol: float = 0.0, signal: Tensor | None = None) 
     ``keep_i = scores_i > tol`` (and ``signal_i`` when given: episodes without reward signal, see
     :func:`signal_episodes`, are dropped whatever their score); ``weights_i = scores_i / mean(scores[keep])``
     for kept episodes (they average 1) and 0 for dropped ones; ``stop`` is True when no episode survives (the
-    paper's stop rule). ``tol`` must be >= 0 so kept scores, and weights, are positive.
+    paper's stop rule). ``tol`` must be >= 0 so kept scores, and weights, are positive. An episode whose score is
+    not finite (its loss overflowed or was NaN) is dropped: one bad episode never spoils the others' weights.
+    Weights are float32, float64 for float64 scores.
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be (E,), got {tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores must be finite")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     if signal is not None and signal.shape != scores.shape:
         raise ValueError(f"signal must be shaped like scores {tuple(scores.shape)}, got {tuple(signal.shape)}")
-    scores = scores.float()
-    keep = scores > tol if signal is None else (scores > tol) & signal.bool()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    keep = (scores > tol) & scores.isfinite()
+    if signal is not None:
+        keep &= signal.bool()
     if not keep.any():
         return FilterResult(keep, torch.zeros_like(scores), True)
     return FilterResult(keep, torch.where(keep, scores / scores[keep].mean(), 0.0), False)

@@ -17,11 +17,13 @@ CONFIDENCE = 0.95
 
 def low_auc(values: Tensor, positive: Tensor) -> float | None:
     """How well LOW ``values`` find the ``positive`` episodes: P(v_pos < v_neg) + P(v_pos == v_neg) / 2 over
-    all (positive, negative) pairs (Mann-Whitney, ties by average rank). None when a class is empty."""
+    all (positive, negative) pairs (Mann-Whitney, ties by average rank), over the episodes whose value is finite.
+    None when a class is empty."""
     if values.dim() != 1 or positive.shape != values.shape:
         raise ValueError(f"values and positive must both be (E,), got {tuple(values.shape)} and "
                          f"{tuple(positive.shape)}")
-    positive = positive.bool().cpu()
+    finite = values.isfinite().cpu()
+    values, positive = values.cpu()[finite], positive.bool().cpu()[finite]
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if not n_pos or not n_neg:
         return None
@@ -47,8 +49,10 @@ def average_ranks(x: Tensor) -> Tensor:
 
 
 def spearman(x: Tensor, y: Tensor) -> float | None:
-    """Spearman rank correlation of (E,) ``x`` and ``y`` (ties by average rank); None when either is constant."""
-    rx, ry = average_ranks(x.cpu()), average_ranks(y.cpu())
+    """Spearman rank correlation of (E,) ``x`` and ``y`` (ties by average rank) over the pairs where both are finite;
+    None when either is constant there."""
+    finite = (x.isfinite() & y.isfinite()).cpu()
+    rx, ry = average_ranks(x.cpu()[finite]), average_ranks(y.cpu()[finite])
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = float((rx.square().sum() * ry.square().sum()).sqrt())
     return float((rx * ry).sum()) / den if den > 0 else None

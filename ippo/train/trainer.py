@@ -44,15 +44,14 @@ from ippo.train import stats
 from ippo.train.attribution import prune_sketches, write_iteration
 from ippo.train.checkpoint import (
     CheckpointFiles,
-    atomic_write,
+    check_run_dir,
     load_checkpoint,
     load_trainable_state,
-    read_checkpoint,
-    read_json,
     read_metrics,
     remove_stale_temp_files,
     save_checkpoint,
     trainable_state,
+    truncate_metrics,
     write_json,
 )
 from ippo.train.config import ALGOS, Config, build_task, resolve_device, resolve_model_dir
@@ -450,7 +449,9 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
                                     val_examples, timing, sketches=store)
         scores, sketches = scored if store else (scored, None)
         keep, weights, stop = filter_episodes(L, buf, scores, record)
-        record.update(score_hist=_histogram(scores), score_mean=float(scores.mean()),
+        finite = scores.isfinite()  # a non-finite score (its loss overflowed) is dropped by the filter
+        record.update(score_hist=_histogram(scores[finite]), nonfinite_scores=int((~finite).sum()),
+                      score_mean=float(scores[finite].mean()) if finite.any() else None,
                       score_pos_frac=float((scores > 0).float().mean()), early_stop=stop)
         top, bottom = _episodes_log(buf.ro, buf.rewards, scores, cfg.log_episodes)
         if stop:
@@ -571,6 +572,8 @@ def sft_iteration(L: Learner, it: int, timing: Counter) -> dict:
 
 
 def _histogram(x: Tensor, bins: int = 10) -> dict:
+    if not x.numel():
+        return {"edges": [], "counts": []}
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         hi = lo + 1e-12
@@ -579,7 +582,8 @@ def _histogram(x: Tensor, bins: int = 10) -> dict:
 
 
 def _episodes_log(ro: Rollout, rewards: Tensor, key: Tensor, n: int) -> tuple[list, list]:
-    order = torch.argsort(key, descending=True, stable=True).tolist()
+    """The ``n`` episodes of highest and of lowest ``key`` (non-finite keys left out), with their texts."""
+    order = [i for i in torch.argsort(key, descending=True, stable=True).tolist() if key[i].isfinite()]
 
     def show(i):
         return {"key": float(key[i]), "reward": float(rewards[i]), "question": ro.examples[i].question,
@@ -609,7 +613,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    checkpoint = _check_run_dir(cfg, run_dir, resume)
+    checkpoint = check_run_dir(cfg, run_dir, resume)
 
     learner, base_eval, sft_info = setup_learner(cfg, run_dir, resume, model_and_tokenizer, reward_fn, log, progress)
 
@@ -623,7 +627,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         start_iter, wall, wall_total = meta["iteration"], meta["wall"], meta["wall_total"]
         stopped = meta.get("stopped", False)
         learner.empty_streak = meta.get("empty_streak", 0)
-        _truncate_metrics(metrics_path, start_iter, log)
+        truncate_metrics(metrics_path, start_iter, log)
         log(f"resumed {run_dir} at iteration {start_iter}")
     pruned = prune_sketches(run_dir, start_iter)  # of iterations to come (written again) and of interrupted writes
     if pruned:
@@ -680,27 +684,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     return last_eval
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> CheckpointFiles | None:
-    """Resume: the checkpoint of ``run_dir`` (read here, so that a bad file fails before any work), whose
-    metrics must be readable and options the same (``iterations``, ``wall_budget``, ``threads`` and ``device`` may
-    change). Otherwise: no run is there yet."""
-    if not resume:
-        if (run_dir / "latest.json").is_file():
-            raise FileExistsError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or pick "
-                                  f"another --out")
-        return None
-    if not (run_dir / "latest.json").is_file():
-        raise FileNotFoundError(f"--resume: {str(run_dir)!r} holds no checkpoint (latest.json)")
-    checkpoint = read_checkpoint(run_dir, required=("wall", "wall_total"))
-    read_metrics(run_dir / "metrics.jsonl")
-    saved = read_json(run_dir / "config.json", required=("algo",))
-    may_change = ("iterations", "wall_budget", "threads", "device")
-    changed = {k for k, v in saved.items() if k not in may_change and getattr(cfg, k, v) != v}
-    if changed:
-        raise ValueError(f"--resume: options differ from the run's config.json: {sorted(changed)}")
-    return checkpoint
-
-
 def setup_learner(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer, reward_fn: RewardFn | None,
                   log, progress: bool) -> tuple[Learner, dict | None, dict]:
     """Task, model, LoRA, value head, the SFT warm start, optimizer and prompt RNG of a run; returns them as a
@@ -739,13 +722,3 @@ def setup_learner(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer,
     learner = Learner(cfg, task, tokenizer, lm, value_head, opt, rng, reward_fn or correctness_reward(task), log,
                       run_dir)
     return learner, base_eval, sft_info
-
-
-def _truncate_metrics(path: Path, iteration: int, log) -> None:
-    """Keep the metrics.jsonl lines of iterations up to the checkpoint's (a killed run may have written one
-    more, and a line torn by the kill is dropped)."""
-    entries, torn = read_metrics(path)
-    if torn is not None:
-        log(f"{path}: dropped its last line, torn by an interrupted write: {torn[:60]!r}...")
-    kept = [line for line, record in entries if record["iteration"] <= iteration]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))

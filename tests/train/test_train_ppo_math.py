@@ -185,9 +185,13 @@ def test_ippo_filter():
     assert pm.ippo_filter(scores).keep.tolist() == [True, False, False, True, True]  # tol 0 drops score 0
     keep, weights, stop = pm.ippo_filter(torch.tensor([-0.2, 0.0]))
     assert stop and not keep.any() and not weights.any()
-    for bad, name in [(torch.tensor([float("nan")]), "finite"), (torch.ones(2, 2), "scores")]:
-        with pytest.raises(ValueError, match=name):
-            pm.ippo_filter(bad)
+    keep, weights, stop = pm.ippo_filter(torch.tensor([1.0, float("nan"), float("inf"), 3.0, -float("inf")]))
+    assert keep.tolist() == [True, False, False, True, False] and not stop  # non-finite scores: dropped
+    assert weights.tolist() == [0.5, 0.0, 0.0, 1.5, 0.0]
+    assert pm.ippo_filter(torch.tensor([float("nan")])).stop
+    assert pm.ippo_filter(torch.tensor([1.0, 3.0], dtype=torch.float64)).weights.dtype == torch.float64
+    with pytest.raises(ValueError, match="scores"):
+        pm.ippo_filter(torch.ones(2, 2))
     with pytest.raises(ValueError, match="tol"):
         pm.ippo_filter(scores, tol=-0.1)
 

@@ -119,6 +119,25 @@ def test_score_episodes_matches_per_episode_gradients(tmp_path):
     assert all(p.grad is None for p in params)
 
 
+def test_a_non_finite_score_drops_its_episode_only(tmp_path, monkeypatch):
+    """One episode whose score is NaN (its loss overflowed) is dropped; the others are kept and weighted as if it
+    were absent, and metrics.jsonl stays valid JSON (no NaN)."""
+    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.tensor([3.0, float("nan"), 1.0, 2.0, -1, 2.0]))
+    updates = []
+    real_update = T.ppo_update
+    monkeypatch.setattr(T, "ppo_update", lambda L, buf, keep, weights: updates.append((keep, weights))
+                        or real_update(L, buf, keep, weights))
+    run_dir = tmp_path / "run"
+    run(cfg_for(tmp_path, algo="ippo", stop_rule="paper", reward_noise=0.3), run_dir)
+    (keep, weights), = updates
+    assert keep.tolist() == [True, False, True, True, False, True]
+    torch.testing.assert_close(weights, torch.tensor([1.5, 0, 0.5, 1.0, 0, 1.0]))
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    rec = [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["nonfinite_scores"] == 1 and rec[-1]["score_mean"] == pytest.approx(7 / 5)
+
+
 def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
     run_dir = tmp_path / "run"
