@@ -5,6 +5,10 @@ A checkpoint is ``ckpt-<iteration>.safetensors`` (LoRA, value head, optimizer te
 temporary file and ``os.replace``, the pointer last, so a kill -9 at any moment leaves the previous checkpoint
 whole. Loading checks everything before changing anything: every trainable tensor present with its shape and
 finite, no unknown tensor, the optimizer and RNG states complete; a bad file is a ValueError naming it.
+
+A run directory (:func:`check_run_dir`) is started only where no run is (an absent or empty folder, or one left by a
+run killed before its first checkpoint) and resumed only with the options it was run with, but for
+``RESUME_MAY_CHANGE`` (:func:`changed_options`, the one rule of what a resume may change).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ippo.train.config import Config
 
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{5}")
 CHECKPOINT_FILE = re.compile(r"ckpt-\d{5}\.(?:json|safetensors)")
@@ -61,6 +68,18 @@ def remove_stale_temp_files(directory: Path, min_age_s: float = 0.0) -> list[Pat
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def check_dir_path(path: str | Path, flag: str) -> None:
+    """``path`` is, or can be made, a directory this process writes in: not a file, no file among its parents, and
+    the directory (or its nearest existing parent) writable; ValueError naming ``flag`` and the path otherwise."""
+    path = Path(path).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under the file {str(existing)!r}"
+        raise ValueError(f"{flag} {str(path)!r} {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: no permission to write in {str(existing)!r}")
 
 
 def write_json(path: Path, obj) -> None:
@@ -314,3 +333,77 @@ def _rng_to_json(state):
 
 def _rng_from_json(state):
     return (state[0], tuple(state[1]), state[2])
+
+
+# =========================================================================== run directories
+
+
+# What ``ippo train --resume`` may change (the run's length and where and how fast it runs): a run resumed with other
+# values is still the run of its config.json. Any other option differs (``changed_options``).
+RESUME_MAY_CHANGE = ("iterations", "wall_budget", "threads", "device")
+# What a run killed before its first checkpoint leaves (with its config.json): starting it again is no loss.
+_EARLY_RUN_FILE = re.compile(r"metrics\.jsonl|ckpt-\d{5}\.(?:json|safetensors)")
+
+
+def changed_options(cfg: Config, saved: dict) -> dict[str, tuple[Any, Any]]:
+    """``{option: (the run's value, cfg's value)}`` of the options of a run's config.json (``saved``) that ``cfg``
+    sets otherwise, those in ``RESUME_MAY_CHANGE`` aside (options one side does not know are ignored)."""
+    return {k: (v, getattr(cfg, k)) for k, v in sorted(saved.items())
+            if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v}
+
+
+def is_run_config(path: Path) -> bool:
+    """``path`` holds a JSON object with an ``algo``: the config.json of an ippo run (an HF model's has none)."""
+    try:
+        read_json(path, required=("algo",))
+    except ValueError:
+        return False
+    return True
+
+
+def check_paths(cfg: Config, out: Path) -> None:
+    """``out`` (``--out``) and ``cfg.cache_dir`` can be directories this process writes in (:func:`check_dir_path`)."""
+    check_dir_path(out, "--out")
+    if cfg.cache_dir is not None:
+        check_dir_path(cfg.cache_dir, "--cache-dir")
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> CheckpointFiles | None:
+    """Before any work of a run into ``run_dir`` (``--out``; ValueError if it cannot be a directory this process
+    writes in, nor ``cfg.cache_dir``). Resume: the checkpoint of ``run_dir`` (read here, so that a bad file fails
+    before any work), whose metrics must be readable and options the same but for ``RESUME_MAY_CHANGE``.
+    Otherwise: no run is there yet, and nothing else either: an absent or empty folder, or the files of a run
+    killed before its first checkpoint (FileExistsError naming the folder otherwise: an HF model folder's
+    config.json must not be overwritten)."""
+    run_dir = Path(run_dir)
+    check_paths(cfg, run_dir)
+    if not resume:
+        if (run_dir / "latest.json").is_file():
+            raise FileExistsError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or pick "
+                                  f"another --out")
+        if run_dir.is_dir():
+            foreign = sorted(p.name for p in run_dir.iterdir() if not (
+                TEMP_FILE.fullmatch(p.name) or (p.is_file() and _EARLY_RUN_FILE.fullmatch(p.name))
+                or (p.name == "config.json" and p.is_file() and is_run_config(p))))
+            if foreign:
+                raise FileExistsError(f"--out {str(run_dir)!r} is not empty and holds no ippo run (e.g. "
+                                      f"{foreign[0]!r}); pick a new or empty folder")
+        return None
+    if not (run_dir / "latest.json").is_file():
+        raise FileNotFoundError(f"--resume: {str(run_dir)!r} holds no checkpoint (latest.json)")
+    checkpoint = read_checkpoint(run_dir, required=("wall", "wall_total"))
+    read_metrics(run_dir / "metrics.jsonl")
+    changed = changed_options(cfg, read_json(run_dir / "config.json", required=("algo",)))
+    if changed:
+        raise ValueError(f"--resume: options differ from the run's config.json: {list(changed)}")
+    return checkpoint
+
+
+def truncate_metrics(path: Path, iteration: int, log) -> None:
+    """Keep the metrics.jsonl lines of iterations up to the checkpoint's (a killed run may have written one
+    more, and a line torn by the kill is dropped)."""
+    entries, torn = read_metrics(path)
+    if torn is not None:
+        log(f"{path}: dropped its last line, torn by an interrupted write: {torn[:60]!r}...")
+    kept = [line for line, record in entries if record["iteration"] <= iteration]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))

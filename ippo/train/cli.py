@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"ippo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # NotADirectoryError, PermissionError, IsADirectoryError, a full disk...: name the path
+        where = [str(f) for f in (err.filename, err.filename2) if f is not None]
+        what = f"{' -> '.join(where)}: {err.strerror}" if where and err.strerror else str(err)
+        print(f"ippo {args.command}: error: {what}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"ippo {args.command}: interrupted; the newest checkpoint is kept (continue with --resume)",
               file=sys.stderr)
@@ -154,10 +159,9 @@ def _run(args) -> int:
         ev = trainer.evaluate_run(args.run, eval_size=args.eval_size, eval_k=args.eval_k)
         print(json.dumps(ev, indent=1))
     elif args.command == "compare":
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-        bad = [a for a in algos if a not in trainer.ALGOS]
-        if bad or not algos:
-            raise ValueError(f"--algos must name some of {trainer.ALGOS}, got {args.algos!r}")
+        from ippo.train.compare import parse_algos
+
+        algos = parse_algos(args.algos)
         if args.seeds is not None:
             return _compare_seeds(args, algos, progress)
         out = Path(args.out or f"runs/compare-seed{args.seed}")

@@ -3,7 +3,11 @@ interval over seeds of the final eval metrics, and paired differences against th
 seed share its SFT warm start and eval draw, so pairing removes the seed-to-seed spread).
 
 Runs go to ``<out>/<algo>-seed<s>``, seed by seed; ``<out>/report.md`` and ``<out>/accuracy_vs_wall.png`` hold the
-result. A run that is missing or unusable (absent, corrupt files, failed) is named in the report and left out.
+result. A run that is missing or unusable (absent, corrupt files, failed) is named in the report and left out, and
+so is (with ``--resume``) a run whose config.json differs from the sweep's for its (algorithm, seed): it is neither
+resumed nor trained over, and the report names the options that differ. ``ippo train --resume``'s rule says which
+may differ (``checkpoint.RESUME_MAY_CHANGE``: --iterations, --wall-budget, --threads, --device); a run trained past
+the sweep's --iterations or --wall-budget differs too (its numbers are not the sweep's).
 """
 
 from __future__ import annotations
@@ -13,8 +17,15 @@ import time
 from pathlib import Path
 
 from ippo.train import report
-from ippo.train.checkpoint import latest_checkpoint, read_json
-from ippo.train.config import Config, flag
+from ippo.train.checkpoint import (
+    changed_options,
+    check_dir_path,
+    check_run_dir,
+    latest_checkpoint,
+    read_json,
+    read_metrics,
+)
+from ippo.train.config import ALGOS, SEED_LIMIT, Config, flag
 from ippo.train.stats import CONFIDENCE, mean_interval
 
 METRICS = (  # (key of a run's result, row label): final eval unless said otherwise
@@ -36,14 +47,22 @@ METRICS = (  # (key of a run's result, row label): final eval unless said otherw
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``--seeds`` "0,1,2" as distinct non-negative ints; ValueError naming --seeds otherwise."""
+    """``--seeds`` "0,1,2" as distinct ints in [0, 2**63) (--seed's range); ValueError naming --seeds otherwise."""
     try:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct non-negative integers 'a,b,c' (e.g. '0,1,2'), got {text!r}")
+    if not seeds or min(seeds) < 0 or max(seeds) >= SEED_LIMIT or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct integers in [0, 2**63) 'a,b,c' (e.g. '0,1,2'), got {text!r}")
     return seeds
+
+
+def parse_algos(text: str) -> list[str]:
+    """``--algos`` "ppo,ippo" as distinct algorithms; ValueError naming --algos otherwise."""
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos or any(a not in ALGOS for a in algos) or len(set(algos)) != len(algos):
+        raise ValueError(f"--algos must name distinct algorithms among {ALGOS}, got {text!r}")
+    return algos
 
 
 def run_name(algo: str, seed: int) -> str:
@@ -57,13 +76,33 @@ def _finished(run: Path, cfg: Config) -> bool:
     return bool(meta.get("stopped")) or iteration >= cfg.iterations or 0 < cfg.wall_budget <= meta["wall"]
 
 
+def differences(run: Path, cfg: Config) -> list[str]:
+    """How the run in ``run`` (it has a checkpoint) differs from the sweep's ``cfg`` for it: each option of its
+    config.json that ``cfg`` sets otherwise, but those a resume may change (``changed_options``), as "option
+    run's value (the sweep's value)"; and "trained past the sweep's --iterations / --wall-budget" when the run went
+    further than ``cfg`` would have. An empty list: the run is the sweep's (finished, or resumable)."""
+    changed = changed_options(cfg, read_json(run / "config.json", required=("algo",)))
+    found = [f"{name} {mine!r} (the sweep's {theirs!r})" for name, (mine, theirs) in changed.items()]
+    _, iteration = latest_checkpoint(run)
+    if iteration > cfg.iterations:
+        found.append(f"trained to iteration {iteration}, past the sweep's --iterations {cfg.iterations}")
+    if cfg.wall_budget > 0:  # the sweep stops after the first iteration whose training wall reaches the budget
+        entries, _ = read_metrics(run / "metrics.jsonl")
+        before = [r for _, r in entries if 0 < r["iteration"] < iteration and isinstance(r.get("wall"), (int, float))]
+        if any(r["wall"] >= cfg.wall_budget for r in before):
+            found.append(f"trained past the sweep's --wall-budget {cfg.wall_budget:g}s")
+    return found
+
+
 def run_all(cfg: Config, algos: list[str], seeds: list[int], out: Path, resume: bool = False, progress: bool = True,
             log=print) -> dict[str, str]:
     """Train every (algo, seed) of ``cfg`` into ``out/<algo>-seed<s>``, seed by seed; returns {run: error} of the
-    runs that failed with a ValueError or FileNotFoundError (a corrupt or missing file), after trying the others.
+    runs that failed with a ValueError or FileNotFoundError (a corrupt or missing file), after trying the others,
+    and of the runs left out because they differ from the sweep (:func:`differences`).
 
-    With ``resume``, finished runs are skipped and a killed one continues from its checkpoint; without it, an
-    existing run is a FileExistsError before any work.
+    With ``resume``, finished runs are skipped and a killed one continues from its checkpoint, once every existing
+    run was checked against the sweep (a run that differs is neither counted nor trained over); without it, an
+    existing run is a FileExistsError before any work, and so is a non-empty folder that holds no run.
     """
     from ippo.train.trainer import train
 
@@ -71,14 +110,32 @@ def run_all(cfg: Config, algos: list[str], seeds: list[int], out: Path, resume: 
     cfgs = {job: dataclasses.replace(cfg, algo=job[0], seed=job[1]) for job in jobs}
     for c in cfgs.values():
         c.validate()
+    check_dir_path(out, "--out")
     if not resume:
         taken = [run_name(*job) for job in jobs if (out / run_name(*job) / "latest.json").is_file()]
         if taken:
             raise FileExistsError(f"{str(out)!r} already holds runs {taken}; pass --resume to continue them")
     failed = {}
+    for job in jobs:  # before any work: each existing run is the sweep's, each other folder free
+        name, run, c = run_name(*job), out / run_name(*job), cfgs[job]
+        if not (run / "latest.json").is_file():
+            check_run_dir(c, run, resume=False)
+            continue
+        try:
+            found = differences(run, c)
+        except (FileNotFoundError, ValueError) as err:
+            failed[name] = str(err)
+            log(f"{name}: unusable, left out: {err}")
+            continue
+        if found:
+            failed[name] = (f"its config differs from the sweep's: {'; '.join(found)}; neither resumed nor counted "
+                            f"(move it away to train the sweep's run there)")
+            log(f"{name}: left out, {failed[name]}")
     for index, job in enumerate(jobs, 1):
         name, run, c = run_name(*job), out / run_name(*job), cfgs[job]
         step = f"[{index}/{len(jobs)}] {name}"
+        if name in failed:
+            continue
         try:
             started = resume and (run / "latest.json").is_file()
             if started and _finished(run, c):
@@ -228,6 +285,7 @@ def write_seed_report(cfg: Config, algos: list[str], seeds: list[int], out: Path
     """Write ``out/report.md`` + ``accuracy_vs_wall.png``; returns the markdown path, the statistics tables and the
     {run: why} of the runs left out."""
     results, problems = collect(out, algos, seeds, failed)
+    out.mkdir(parents=True, exist_ok=True)  # absent when no run started
     tables = stats_tables(results, algos, seeds) if results else "No usable run.\n"
     lines = [f"# compare {', '.join(algos)} over seeds {', '.join(map(str, seeds))}", "",
              f"    {command_line(cfg, algos, seeds, out)}", "", tables]

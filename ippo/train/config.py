@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ STOP_RULES = ("evidence", "paper")
 KEEP_BY = ("score", "random")
 SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
 MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
+SEED_LIMIT = 2**63  # seeds in [0, 2**63): torch.manual_seed takes < 2**64 (and the eval adds 10000)
+MAX_SKETCH_DIM = 2**24  # a 64 MiB float32 sketch per episode; the kernels index projection rows with 32-bit ints
+DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 
 
 def opt(default, help: str):
@@ -116,7 +120,7 @@ class Config:
                           "score (ippo), keep, weight, train-split index and text, and a bf16 snapshot of the LoRA "
                           "adapter that produced them, for `ippo attribute RUN --data VAL.jsonl`. A multiple of 2 x "
                           "--lora-r; 4096 is a good K (RESULTS.md); 10.1 MB per iteration at the defaults (9.83 MB "
-                          "adapter + 0.27 MB sketches); 0 = off; ignored by sft")
+                          "adapter + 0.27 MB sketches); 0 = off; at most 2**24; ignored by sft")
     sketch_seed: int = opt(0, "seed of the sketch projection (runs with the same seed and K share it)")
     # evaluation
     eval_size: int = opt(32, "eval problems (held-out eval split)")
@@ -160,6 +164,10 @@ class Config:
                 raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if self.threads > MAX_THREADS:
             raise ValueError(f"--threads must be at most {MAX_THREADS}, got {self.threads}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         arith_sizes(self)
         if self.algo == "grpo" and self.samples_per_prompt < 2:
             raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
@@ -172,9 +180,9 @@ class Config:
                              "group with two different rewards); use --stop-rule paper")
         if not 0 <= self.reward_noise < 1:
             raise ValueError(f"--reward-noise must be in [0, 1), got {self.reward_noise}")
-        if self.sketch_dim < 0 or self.sketch_dim % (2 * self.lora_r):
+        if self.sketch_dim < 0 or self.sketch_dim % (2 * self.lora_r) or self.sketch_dim > MAX_SKETCH_DIM:
             raise ValueError(f"--sketch-dim must be 0 (off) or a positive multiple of 2 x --lora-r = "
-                             f"{2 * self.lora_r}, got {self.sketch_dim}")
+                             f"{2 * self.lora_r}, at most 2**24 = {MAX_SKETCH_DIM}, got {self.sketch_dim}")
         if not 0 <= self.sketch_seed < 2**63:
             raise ValueError(f"--sketch-seed must be in [0, 2**63), got {self.sketch_seed}")
 

@@ -21,7 +21,9 @@ draw of ``val_size`` pairs. Per draw (``probe.json``):
   gradients' energy along one direction. ``per_episode``: each episode's score(s), mean advantage, reward, length
   and flip.
 
-``probe.png`` shows the distribution of each AUC and Spearman over the draws.
+``probe.png`` shows the distribution of each AUC and Spearman over the draws. A metric that is undefined in a draw
+(an AUC with an empty class, a Spearman of constant scores, the top direction of all-zero sketches) is left out of
+that draw and of the summary; probe.json is strict JSON (no NaN: a non-finite per-episode value is null).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from ippo.train import ppo_math as pm
 from ippo.train import stats
 from ippo.train import trainer as T
-from ippo.train.checkpoint import atomic_write
+from ippo.train.checkpoint import atomic_write, check_paths
 from ippo.train.config import Config
 
 AUCS = ("flip_auc_score", "flip_auc_advantage", "flip_auc_random", "flip_auc_disjoint", "flip_auc_big",
@@ -59,9 +61,10 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
         raise ValueError(f"--big-val-size must be >= 1, got {big_val_size}")
     if cfg.algo != "ippo":
         raise ValueError(f"ippo probe scores episodes: --algo must be ippo, got {cfg.algo!r}")
+    out_dir = Path(out_dir)
+    check_paths(cfg, out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out_dir = Path(out_dir)
     L, _, _ = T.setup_learner(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
     val_split = L.task.split("validation")
     if stability and 2 * cfg.val_size > len(val_split):
@@ -108,13 +111,14 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                            flip_auc_length=stats.low_auc(length, buf.flipped))
         if cfg.sketch_dim:  # cosine: the score over the episode gradient's norm, estimated by its sketch's norm
             cosine = scores / sketches.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            singular = torch.linalg.svdvals(sketches.double())
-            row.update(spearman_cosine=stats.spearman(scores, cosine),
-                       top_direction_share=float(singular[0] ** 2 / singular.square().sum()))
+            energy = torch.linalg.svdvals(sketches.double()).square()
+            row.update(spearman_cosine=stats.spearman(scores, cosine),  # all-zero sketches: no direction
+                       top_direction_share=float(energy[0] / energy.sum()) if energy.sum() > 0 else None)
             if buf.flipped is not None:
                 row["flip_auc_cosine"] = stats.low_auc(cosine, buf.flipped)
-        row = {k: v for k, v in row.items() if v is not None}
-        row["per_episode"] = {k: [round(float(x), 8) for x in v] for k, v in per_episode.items()}
+        row = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+        row["per_episode"] = {k: [round(float(x), 8) if math.isfinite(x) else None for x in v.tolist()]
+                              for k, v in per_episode.items()}
         row["seconds"] = time.perf_counter() - t0
         results.append(row)
         report = write(cfg, out_dir, results, big_val_size if stability else None)
@@ -128,8 +132,8 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
 def write(cfg: Config, out_dir: Path, results: list[dict], big_val_size: int | None) -> dict:
     """``probe.json`` and ``probe.png`` of the draws so far (after every draw: a killed probe keeps them)."""
     report = {"config": asdict(cfg), "big_val_size": big_val_size, "summary": summarize(results), "draws": results}
-    atomic_write(out_dir / "probe.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8"))
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"  # strict JSON: a NaN here is a bug, not a value
+    atomic_write(out_dir / "probe.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     plot(results, out_dir / "probe.png", title=f"ippo probe: {len(results)} draws of {results[0]['episodes']} "
          f"episodes, reward noise {cfg.reward_noise}, val size {cfg.val_size}")
     return report
@@ -145,7 +149,7 @@ def summarize(results: list[dict]) -> dict:
     equal / not, and how many of each the paper's rule stopped, and how many evidence_empty."""
     summary = {}
     for key in AUCS + CORRELATIONS + ("flip_recall", "flip_recall_random", "kept_fraction", "signal_fraction"):
-        values = [r[key] for r in results if key in r and math.isfinite(r[key])]
+        values = [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]
         if values:
             summary[key] = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
                             "min": min(values), "max": max(values)}

@@ -153,3 +153,61 @@ def test_compare_seeds_cli_refuses_bad_seeds(tmp_path, capsys):
     assert cli.main(["compare", "--seeds", "1,1", "--out", str(tmp_path / "c")]) == 2
     assert "--seeds must be" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def sweep_args(tmp_path, out, *extra):
+    """``ippo compare`` options of a fast sweep on the tiny model saved under tmp_path."""
+    return [*extra, "--out", str(out), "--model", str(tmp_path / "tiny-model"), "--arith-steps", "1",
+            "--arith-sizes", "40,8,8", "--lora-r", "4", "--lora-alpha", "8", "--sft-steps", "1", "--sft-batch", "2",
+            "--iterations", "1", "--prompts-per-iter", "1", "--samples-per-prompt", "3", "--max-new-tokens", "6",
+            "--val-size", "2", "--eval-size", "2", "--eval-k", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--threads", "1", "--no-progress"]
+
+
+def test_compare_resume_leaves_out_runs_whose_config_differs(tmp_path, capsys):
+    """Issue 18: a finished run trained with another --lr, and another algorithm's finished run copied into a sweep's
+    folder, are neither counted nor trained over: each is named in the report with the differing options, exit 1.
+    Raising --iterations or changing --threads is no difference: those runs are resumed and counted."""
+    import shutil
+
+    saved_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *sweep_args(tmp_path, out, "--algos", "ppo", "--seeds", "0,1")]) == 0
+    shutil.rmtree(out / "ppo-seed1")  # ppo-seed1: trained with another learning rate
+    assert cli.main(["train", *sweep_args(tmp_path, out / "ppo-seed1", "--algo", "ppo", "--seed", "1",
+                                          "--lr", "0.001")]) == 0
+    shutil.copytree(out / "ppo-seed0", out / "grpo-seed0")  # another algorithm's run under grpo-seed0
+    before = {p: (out / p / "metrics.jsonl").read_text() for p in ("ppo-seed1", "grpo-seed0")}
+    capsys.readouterr()
+
+    def check_report():
+        text = capsys.readouterr().out
+        assert "left out ppo-seed1:" in text and "left out grpo-seed0:" in text
+        assert {p: (out / p / "metrics.jsonl").read_text() for p in before} == before  # neither trained over
+        md = (out / "report.md").read_text()
+        ppo1 = next(line for line in md.splitlines() if line.startswith("- **ppo-seed1**"))
+        grpo0 = next(line for line in md.splitlines() if line.startswith("- **grpo-seed0**"))
+        assert "lr 0.001 (the sweep's 0.0001)" in ppo1 and "algo" not in ppo1
+        assert "algo 'ppo' (the sweep's 'grpo')" in grpo0 and "lr" not in grpo0 and "threads" not in grpo0
+        assert "| ppo-seed0 |" in md and "| grpo-seed1 |" in md and "| ppo-seed1 |" not in md
+        assert "| grpo-seed0 |" not in md and "n=1, no interval" in md
+
+    args = sweep_args(tmp_path, out, "--algos", "ppo,grpo", "--seeds", "0,1", "--resume")
+    assert cli.main(["compare", *args]) == 1
+    check_report()
+    args[args.index("--iterations") + 1], args[args.index("--threads") + 1] = "2", "2"
+    assert cli.main(["compare", *args]) == 1
+    check_report()
+    assert [r["iteration"] for r in records(out / "ppo-seed0")] == [0, 1, 2]  # --iterations raised: resumed
+    assert [r["iteration"] for r in records(out / "grpo-seed1")] == [0, 1, 2]
+
+
+def test_compare_refuses_duplicate_algos_and_huge_seeds(tmp_path, capsys):
+    nope = ["--out", str(tmp_path / "c"), "--model", str(tmp_path / "no-model")]  # work would fail on the model
+    assert cli.main(["compare", "--algos", "ppo,ppo", "--seeds", "0", *nope]) == 2
+    assert "--algos" in capsys.readouterr().err
+    assert cli.main(["compare", "--algos", "ppo,ippo,ppo", *nope]) == 2
+    assert "--algos" in capsys.readouterr().err
+    assert cli.main(["compare", "--seeds", "0,99999999999999999999", *nope]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

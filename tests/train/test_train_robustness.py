@@ -7,11 +7,12 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train_trainer import cfg_for, kill_sft_warm_start, records, run
+from test_train_trainer import cfg_for, kill_sft_warm_start, records, run, saved_tiny
 
 from ippo.train import cli, report
 from ippo.train.config import Config, flag
@@ -230,3 +231,104 @@ def test_corrupt_run_file_is_an_error_naming_it(finished_run, capsys, target, co
         assert err.startswith("ippo eval: error: ") and str(path) in err and why in err
     assert cli.main(["train", "--resume", "--out", str(run_dir)]) == 2  # fails before comparing options or loading
     assert str(path) in capsys.readouterr().err or target == "ckpt.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- issue 18: --out and paths
+
+TINY = ["--arith-steps", "1", "--arith-sizes", "40,8,8", "--lora-r", "4", "--lora-alpha", "8", "--sft-steps", "1",
+        "--sft-batch", "2", "--prompts-per-iter", "1", "--samples-per-prompt", "3", "--max-new-tokens", "6",
+        "--val-size", "2", "--eval-size", "2", "--eval-k", "2", "--threads", "1", "--no-progress"]  # (no --iterations:
+# ippo sft has none, and one iteration is quick enough)
+
+
+def contents(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_that_holds_something_else_is_refused(tmp_path, capsys):
+    """Issue 18: --out at an HF model folder (no latest.json) had its config.json overwritten. A non-empty folder
+    that holds no ippo run is refused before any work, naming it; an absent or empty folder, or one left by a run
+    killed before its first checkpoint (config.json, metrics.jsonl, temporary files), is trained into."""
+    model_dir = saved_tiny(tmp_path)
+    before = contents(model_dir)
+    common = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    capsys.readouterr()
+    for command in (["train", "--algo", "ppo", "--iterations", "1"], ["sft"]):
+        assert cli.main([*command, "--out", str(model_dir), *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ippo {command[0]}: error: --out {str(model_dir)!r} is not empty and holds no ippo run")
+        assert err.count("\n") == 1
+    assert contents(model_dir) == before
+    cfg = cfg_for(tmp_path, algo="ppo")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="todo.txt"):
+        run(cfg, notes)
+    assert contents(notes) == {Path("todo.txt"): b"mine"}
+
+    (tmp_path / "empty").mkdir()
+    run(cfg, tmp_path / "empty")
+    killed = tmp_path / "killed"  # killed before its first checkpoint: started again
+    killed.mkdir()
+    (killed / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (killed / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    (killed / ".ckpt-00000.json.abcd1234").write_text("{")
+    run(cfg, killed)
+    assert [r["iteration"] for r in records(killed)] == [0, 1]
+
+
+@pytest.mark.parametrize("case", ["out under a file", "out is a file", "cache-dir is a file"])
+def test_out_and_cache_dir_paths_are_checked_before_any_work(tmp_path, capsys, case):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out, cache, named = {"out under a file": (afile / "run", tmp_path / "cache", "--out"),
+                         "out is a file": (afile, tmp_path / "cache", "--out"),
+                         "cache-dir is a file": (tmp_path / "run", afile, "--cache-dir")}[case]
+    no_model = ["--model", str(tmp_path / "no-model")]  # any work would fail on the model instead
+    for command in (["train"], ["sft"], ["compare", "--algos", "ppo"], ["compare", "--algos", "ppo", "--seeds", "0"],
+                    ["probe"]):
+        assert cli.main([*command, "--out", str(out), "--cache-dir", str(cache), *no_model, *TINY]) == 2, command
+        err = capsys.readouterr().err
+        assert named in err and str(afile) in err and err.count("\n") == 1, (command, err)
+    assert afile.read_text() == "x" and not (tmp_path / "run").exists()
+
+
+def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    """OSErrors other than FileNotFound / FileExists (a directory given for a file, a permission error) are one
+    line naming the path, exit 2, not a traceback."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    args = ["train", "--task", "gsm8k", "--data", str(folder), "--out", str(tmp_path / "run"),
+            "--model", str(tmp_path / "no-model")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ippo train: error: ") and str(folder) in err and err.count("\n") == 1
+
+    from ippo.train import trainer
+
+    def denied(*args, **kw):
+        raise PermissionError(13, "Permission denied", "/somewhere/run/config.json")
+
+    monkeypatch.setattr(trainer, "train", denied)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "ippo train: error: /somewhere/run/config.json: Permission denied\n"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--device", "meta"], "--device"), (["--device", "cuda:x"], "--device"), (["--device", "cpu:0"], "--device"),
+    (["--sketch-dim", "1099511627776"], "--sketch-dim"), (["--sketch-dim", str(2**24 + 32)], "--sketch-dim"),
+    (["--seed", "99999999999999999999"], "--seed"), (["--seed", str(2**63)], "--seed"), (["--seed", "-1"], "--seed"),
+])
+def test_cli_refuses_out_of_range_options(tmp_path, capsys, args, named):
+    """Issue 18: --device meta, a sketch dimension the kernels cannot take and seeds beyond torch's range passed
+    validation (and failed late, or not at all); each is refused naming the option, before any work."""
+    no_model = ["--model", str(tmp_path / "no-model")]  # any work would fail on the model instead
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *no_model, *args]) == 2
+    assert f"ippo train: error: {named} must" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_edge_of_the_ranges_is_accepted():
+    for kw in [dict(device="cuda:1"), dict(device="auto"), dict(seed=2**63 - 1), dict(sketch_dim=2**24)]:
+        Config(**kw).validate()

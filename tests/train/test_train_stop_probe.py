@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train_trainer import cfg_for, lora_state, records, run, saved_tiny
+from test_train_trainer import cfg_for, lora_state, records, run, saved_tiny, tiny
 
 from ippo.train import cli, report, stats
 from ippo.train import ppo_math as pm
@@ -282,3 +282,23 @@ def test_probe_command_end_to_end(tmp_path, capsys):
     assert summary["all_equal"]["draws"] + summary["mixed"]["draws"] == 3
     assert cli.main(["probe", "--draws", "0", "--out", str(out), *args]) == 2
     assert "--draws must be >= 1" in capsys.readouterr().err
+
+
+def test_probe_json_is_valid_json_when_a_metric_is_undefined(tmp_path):
+    """Issue 18: all rewards equal and no KL penalty make every advantage, score and sketch 0, so the sketches'
+    top_direction_share is 0 / 0: probe.json held NaN (not JSON). Undefined metrics are left out of the draw (as an
+    AUC with an empty class is), the summary skips them, and the file parses as strict JSON."""
+    from ippo.train import probe
+
+    def strict(text):
+        raise ValueError(f"not JSON: {text}")
+
+    cfg = cfg_for(tmp_path, algo="ippo", kl_coef=0.0, sketch_dim=8)
+    result = probe.probe(cfg, tmp_path / "probe", 2, 4, model_and_tokenizer=tiny(), reward_fn=constant,
+                         log=lambda _: None)
+    saved = json.loads((tmp_path / "probe" / "probe.json").read_text(), parse_constant=strict)
+    assert saved["summary"] == result["summary"] and len(saved["draws"]) == 2
+    assert all(row["all_equal"] and "top_direction_share" not in row for row in saved["draws"])
+    assert "top_direction_share" not in saved["summary"] and saved["summary"]["all_equal"]["draws"] == 2
+    assert "spearman_cosine" not in saved["summary"]  # the scores are constant: no rank correlation
+
