@@ -138,7 +138,7 @@ def test_scoring_pass_has_no_side_effects(grpo_run):  # (c)
     assert {k: v for k, v in after.items() if not k.startswith("ippo/")} == before
     assert {k: len(v) for k, v in after.items() if k.startswith("ippo/")} == {
         "ippo/kept_fraction": 1, "ippo/score_mean": 1, "ippo/score_pos_frac": 1, "ippo/signal_fraction": 1,
-        "ippo/scoring_seconds": 1}
+        "ippo/nonfinite_scores": 1, "ippo/scoring_seconds": 1}
 
 
 def test_ippo_metrics_in_trl_logs(grpo_run):
