@@ -129,6 +129,8 @@ class Config:
     eval_every: int = opt(4, "evaluate every this many iterations (and at the end)")
     eval_greedy: bool = opt(True, "also one greedy completion per eval problem (greedy_accuracy; on CPU about a "
                             "third of the time of 4 samples per problem)")
+    eval_base: bool = opt(True, "evaluate the base model before the SFT warm start too (the true starting point, "
+                          "logged as eval_base_model at iteration 0; fresh runs with --sft-steps > 0 only)")
     final_eval_size: int = opt(0, "eval problems of the final eval (last iteration, early stop, wall budget); the "
                                "evals before it use --eval-size; 0 = --eval-size")
     # bookkeeping

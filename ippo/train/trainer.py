@@ -707,7 +707,7 @@ def setup_learner(cfg: Config, run_dir: Path, resume: bool, model_and_tokenizer,
     if stale:
         log(f"removed {len(stale)} temporary files of interrupted writes from {run_dir}")
     base_eval = None
-    if not resume and cfg.sft_steps:  # the true starting point, before the warm start (LoRA B = 0: the base
+    if not resume and cfg.sft_steps and cfg.eval_base:  # the true starting point, before the warm start (LoRA B = 0: the base
         # model); without a warm start it is the iteration-0 eval itself
         t0 = time.perf_counter()
         base_eval = evaluate(lm, tokenizer, task, cfg, seed=cfg.seed + 10_000)

@@ -279,6 +279,8 @@ def test_sft_warm_start_is_cached(tmp_path):
     assert base[0] == base[1] and 0 <= base[0]["accuracy"] <= 1
     run(cfg_for(tmp_path, algo="ppo", sft_steps=3), tmp_path / "c", log=logs.append)
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
+    run(cfg_for(tmp_path, algo="ppo", eval_base=False), tmp_path / "d", log=logs.append)
+    assert records(tmp_path / "d")[0]["eval_base_model"] is None and sum("reusing" in line for line in logs) == 2
 
 
 def kill_sft_warm_start(tmp_path, monkeypatch, steps: int, dies_at: int):
