@@ -12,7 +12,8 @@ atomically, the sketch file last (an iteration is stored once its sketch file ex
                                 (the update's: ippo s_i / mean of the kept s, 0 if dropped; 1 for ppo, grpo); index
                                 (E,) int64, the prompt's index in the task's train split; scores (E,) float32, ippo
                                 only. Metadata: format, iteration, algo, k, seed, lr, layers (LoRA layers in
-                                projection order, ``InfluenceScorer.sketch_layers``)
+                                projection order, ``InfluenceScorer.sketch_layers``), config (the run's options,
+                                JSON: its base model, sketch dim and seed, ...)
 
 Measured at the defaults (SmolLM2-135M, LoRA r=16: 4.88M adapter parameters; 16 episodes; K=4096): 9.83 MB of
 adapter + 0.27 MB of sketches + 1-3 KB of text = 10.1 MB per iteration, almost all of it the adapter snapshot.
@@ -29,12 +30,21 @@ sketch dot product estimates <g_i, d L_val / d theta> without bias. Ignored, as 
 preconditioning, gradient clipping, the 1 / minibatch of the mean loss, the epochs x minibatches steps (one step
 at the sampling policy stands for them) and grpo's KL term. Dropped episodes (w = 0) get 0. The validation gradient
 is taken at the bf16 snapshot, i.e. at the sampling policy's adapter rounded to bf16.
+
+Before any model work :func:`attribute` checks that the stored iterations are the run's: exactly 1..the iteration of
+its latest checkpoint (a kill between an iteration's sketch files and its checkpoint leaves files that the resumed
+run writes again: refused), each sketch file written with the options of the run's config.json (but those a resume
+may change, ``checkpoint.changed_options``) and its lr finite and > 0, each adapter snapshot of its iteration. Sketch
+files of format ippo-sketches/1 (before the config was stored) are refused: nothing in them says which base model
+they were taken on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +53,9 @@ from torch import Tensor, nn
 
 from ippo.train.checkpoint import (
     atomic_write,
+    changed_options,
+    check_dir_path,
+    latest_checkpoint,
     load_tensors,
     load_trainable_state,
     read_json,
@@ -53,8 +66,9 @@ from ippo.train.config import Config, build_task, resolve_device, resolve_model_
 from ippo.train.tasks import Example, Task, read_gsm8k_jsonl
 
 SKETCH_DIR = "sketches"
-FORMAT = "ippo-sketches/1"
-_META = ("format", "iteration", "algo", "k", "seed", "lr", "layers")
+FORMAT = "ippo-sketches/2"
+OLD_FORMATS = ("ippo-sketches/1",)  # no config: cannot be checked against the run (refused)
+_META = ("format", "iteration", "algo", "k", "seed", "lr", "layers", "config")
 _SKETCH_FILE = re.compile(r"iter-(\d{6})\.safetensors")
 _ITERATION_FILE = re.compile(r"iter-(\d{6})\.(?:safetensors|adapter\.safetensors|json)")
 _TEMP_FILE = re.compile(r"\.iter-\d{6}\.(?:safetensors|adapter\.safetensors|json)\.[a-z0-9_]{8}")  # atomic_write's
@@ -92,7 +106,8 @@ def write_iteration(run_dir: Path, iteration: int, cfg: Config, buf, sketches: T
         tensors["scores"] = scores.float()
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {"format": FORMAT, "iteration": str(iteration), "algo": cfg.algo, "k": str(cfg.sketch_dim),
-            "seed": str(cfg.sketch_seed), "lr": repr(float(lr)), "layers": json.dumps(list(lora_linear_layers(lm)))}
+            "seed": str(cfg.sketch_seed), "lr": repr(float(lr)), "layers": json.dumps(list(lora_linear_layers(lm))),
+            "config": json.dumps(asdict(cfg))}
     atomic_write(sketch_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -134,15 +149,26 @@ class StoredIteration(NamedTuple):
     completions: list[str]
     path: Path
     adapter_path: Path
+    config: dict                 # the options of the run that wrote it
 
 
 _TENSORS = {"rewards": torch.float32, "keep": torch.bool, "weights": torch.float32, "index": torch.int64,
             "scores": torch.float32}
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # SafetensorError (not a ValueError), OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def read_iteration(run_dir: str | Path, iteration: int) -> StoredIteration:
-    """Read and check what :func:`write_iteration` stored for ``iteration`` (the adapter snapshot only for being
-    there); a missing, partial or malformed file is an error naming it."""
+    """Read and check what :func:`write_iteration` stored for ``iteration`` (of the adapter snapshot, only that it
+    is there and of this iteration); a missing, partial or malformed file is an error naming it."""
     from safetensors import safe_open
 
     path, adapter_path, texts_path = iteration_paths(run_dir, iteration)
@@ -155,15 +181,25 @@ def read_iteration(run_dir: str | Path, iteration: int) -> StoredIteration:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # SafetensorError (not a ValueError), OSError, ...
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if meta.get("format") in OLD_FORMATS:
+        raise ValueError(f"{path}: written by an older ippo (format {meta['format']}), whose sketch files do not "
+                         f"record their run's config: their base model and options cannot be checked against "
+                         f"{Path(run_dir) / 'config.json'}; train the run again to attribute it")
     if meta.get("format") != FORMAT or any(key not in meta for key in _META):
         raise ValueError(f"{path}: not an ippo sketch file (metadata keys {sorted(meta)}, expected {list(_META)})")
     try:
         k, seed, lr, layers = int(meta["k"]), int(meta["seed"]), float(meta["lr"]), json.loads(meta["layers"])
-        stated = int(meta["iteration"])
+        stated, config = int(meta["iteration"]), json.loads(meta["config"])
     except ValueError as err:
         raise ValueError(f"{path}: malformed metadata ({err})") from err
-    if stated != iteration or not isinstance(layers, list):
-        raise ValueError(f"{path}: metadata says iteration {stated} and layers {type(layers).__name__}")
+    if stated != iteration or not isinstance(layers, list) or not isinstance(config, dict):
+        raise ValueError(f"{path}: metadata says iteration {stated}, layers {type(layers).__name__} and config "
+                         f"{type(config).__name__}; expected iteration {iteration}, a list and an object")
+    if not (math.isfinite(lr) and lr > 0):  # the update's learning rate scales every attribution
+        raise ValueError(f"{path}: lr must be a finite number > 0, got {meta['lr']}")
+    snapshot = _metadata(adapter_path).get("iteration")
+    if snapshot != str(iteration):
+        raise ValueError(f"{adapter_path}: adapter snapshot of iteration {snapshot}, expected {iteration}")
     sketches = tensors.pop("sketches", None)
     if sketches is None or sketches.dtype != torch.float32 or sketches.dim() != 2 or sketches.shape[1] != k:
         raise ValueError(f"{path}: 'sketches' must be a float32 (episodes, {k}) tensor, got "
@@ -187,7 +223,39 @@ def read_iteration(run_dir: str | Path, iteration: int) -> StoredIteration:
     if texts["iteration"] != iteration:
         raise ValueError(f"{texts_path}: iteration {texts['iteration']!r}, expected {iteration}")
     return StoredIteration(iteration, meta["algo"], k, seed, lr, layers, {"sketches": sketches, **tensors},
-                           texts["questions"], texts["completions"], path, adapter_path)
+                           texts["questions"], texts["completions"], path, adapter_path, config)
+
+
+def read_run_iterations(run_dir: Path, cfg: Config) -> list[StoredIteration]:
+    """Every stored iteration of the run in ``run_dir`` (``cfg``: its config.json), checked to be the run's: the
+    iterations 1..that of its latest checkpoint, no other and none missing; the same k, seed and layers in each;
+    each written with ``cfg``'s options (but those a resume may change) and its sketch options. An error naming
+    the first file that is not."""
+    found = stored_iterations(run_dir)
+    _, latest = latest_checkpoint(run_dir)
+    after = [it for it in found if it > latest]
+    if after:
+        raise ValueError(f"{iteration_paths(run_dir, after[0])[0]}: iteration {after[0]} is after the run's latest "
+                         f"checkpoint (iteration {latest}, {run_dir / 'latest.json'}): written by a run killed before "
+                         f"that checkpoint; `ippo train --resume` writes it again")
+    stored = [read_iteration(run_dir, it) for it in range(1, latest + 1)]  # every RL iteration stores its episodes
+    first = stored[0]
+    for s in stored[1:]:
+        for what in ("k", "seed", "layers"):
+            if getattr(s, what) != getattr(first, what):
+                raise ValueError(f"{s.path}: sketch {what} {getattr(s, what)!r} differs from {first.path}'s "
+                                 f"{getattr(first, what)!r}; the iterations of a run must share k, seed and layers")
+    for s in stored:
+        changed = changed_options(cfg, s.config)
+        if changed:
+            diff = "; ".join(f"{k} {mine!r} (the run's {theirs!r})" for k, (mine, theirs) in changed.items())
+            raise ValueError(f"{s.path}: not this run's: written with options other than those of "
+                             f"{run_dir / 'config.json'}: {diff}")
+        for what, mine, theirs in (("algo", s.algo, cfg.algo), ("k", s.k, cfg.sketch_dim),
+                                   ("seed", s.seed, cfg.sketch_seed)):
+            if mine != theirs:
+                raise ValueError(f"{s.path}: sketch {what} {mine!r}, but the run's config.json says {theirs!r}")
+    return stored
 
 
 # =========================================================================== attribution
@@ -225,13 +293,10 @@ def attribute(run_dir: str | Path, data: str, out: str | Path | None = None, val
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    stored = [read_iteration(run_dir, it) for it in stored_iterations(run_dir)]
+    out = run_dir / "attribution" if out is None else Path(out)
+    check_dir_path(out, "--out")
+    stored = read_run_iterations(run_dir, cfg)
     first = stored[0]
-    for s in stored[1:]:
-        for what in ("k", "seed", "layers"):
-            if getattr(s, what) != getattr(first, what):
-                raise ValueError(f"{s.path}: sketch {what} {getattr(s, what)!r} differs from {first.path}'s "
-                                 f"{getattr(first, what)!r}; the iterations of a run must share k, seed and layers")
     val_batch = cfg.val_batch if val_batch is None else val_batch
     if val_batch < 1:
         raise ValueError(f"--val-batch must be >= 1, got {val_batch}")
@@ -265,7 +330,6 @@ def attribute(run_dir: str | Path, data: str, out: str | Path | None = None, val
               "seed": first.seed, "total": sum(it["total"] for it in iterations),
               "sign": "attribution > 0: the step on the episode lowered the validation loss (to first order)",
               "iterations": iterations, "episodes": episodes}
-    out = run_dir / "attribution" if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "attribution.json", result)
     result["report"] = write_attribution_report(result, out, top)

@@ -2,6 +2,7 @@
 random model: file contents, one backward for ippo's scores and sketches, the adapter snapshot, exact resume, the
 attribution against an independent computation, and the errors."""
 
+import dataclasses
 import json
 import shutil
 
@@ -124,6 +125,7 @@ def test_files_per_iteration_and_training_unchanged(tmp_path, monkeypatch, algo)
             meta = f.metadata()
         assert meta["algo"] == algo and int(meta["k"]) == K and int(meta["seed"]) == 0 and float(meta["lr"]) == 1e-4
         assert json.loads(meta["layers"]) == list(lora_linear_layers(add_lora(tiny()[0], r=4, alpha=8)))
+        assert json.loads(meta["config"]) == dataclasses.asdict(cfg_for(tmp_path, algo=algo))
         t = load_file(sketch_path)
         names = {"sketches", "rewards", "keep", "weights", "index"} | ({"scores"} if algo == "ippo" else set())
         assert set(t) == names and t["sketches"].shape == (6, K) and t["sketches"].dtype == torch.float32
@@ -283,6 +285,14 @@ def test_attribute_errors_name_the_problem(ippo_run, tmp_path, capsys):
     A.iteration_paths(no_adapter, 2)[1].unlink()
     fails(no_adapter, r"iter-000002\.adapter\.safetensors: missing adapter snapshot", FileNotFoundError)
 
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["attribute", str(ippo_run), "--data", "validation", "--out", str(afile / "out")]) == 2
+    assert f"--out {str(afile / 'out')!r} is under the file {str(afile)!r}" in capsys.readouterr().err
+    assert cli.main(["attribute", str(ippo_run), "--data", str(tmp_path)]) == 2  # a directory: one line naming it
+    err = capsys.readouterr().err
+    assert err.startswith("ippo attribute: error: ") and str(tmp_path) in err and err.count("\n") == 1
+
     for index, what in ((0, r"iter-000001\.safetensors: not a readable"),
                         (1, r"iter-000001\.adapter\.safetensors: not a readable"),
                         (2, r"iter-000001\.json: not valid JSON")):
@@ -296,3 +306,90 @@ def test_attribute_errors_name_the_problem(ippo_run, tmp_path, capsys):
 def test_bad_sketch_options_are_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="--sketch-(dim|seed)"):
         cfg_for(tmp_path, **bad).validate()  # lora_r = 4: K must be a multiple of 8
+
+
+# =========================================================================== issue 18: sketches that are not the run's
+
+
+def set_metadata(path, **changes):
+    """Rewrite the safetensors file ``path`` with its metadata updated by ``changes`` (None: the key removed)."""
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    meta = {k: v for k, v in (meta | changes).items() if v is not None}
+    save_file(tensors, path, metadata=meta)
+
+
+def test_attribute_refuses_an_iteration_after_the_latest_checkpoint(tmp_path, monkeypatch):
+    """Killed after iteration 2's sketches were written but before its checkpoint: latest.json says 1, so iteration
+    2's files are not the run's (a resume writes them again) and attribute refuses them, naming the file."""
+    real_save = T.Learner.save
+
+    def dies_saving_2(self, run_dir, iteration, extra):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        return real_save(self, run_dir, iteration, extra)
+
+    monkeypatch.setattr(T.Learner, "save", dies_saving_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tmp_path), tmp_path / "killed")
+    assert "iter-000002.safetensors" in files(tmp_path / "killed")
+    with pytest.raises(ValueError, match=r"iter-000002\.safetensors: iteration 2 is after the run's latest "
+                                         r"checkpoint \(iteration 1"):
+        A.attribute(tmp_path / "killed", "validation", progress=False, model_and_tokenizer=tiny())
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    """Runs like ``ippo_run`` but for one option each, whose sketches do not belong in it: {what differs: run}."""
+    tmp = tmp_path_factory.mktemp("others")
+    kinds = {"model": dict(model=str(tmp / "another-model")), "sketch_seed": dict(sketch_seed=1),
+             "sketch_dim": dict(sketch_dim=2 * K), "lr": dict(lr=1e-3)}
+    for what, kw in kinds.items():
+        run(cfg_for(tmp, **kw), tmp / what)
+    return {what: tmp / what for what in kinds}
+
+
+@pytest.mark.parametrize("what", ["model", "sketch_seed", "sketch_dim", "lr"])
+def test_attribute_refuses_sketches_of_another_run(ippo_run, other_runs, tmp_path, what):
+    """Every sketch file of another run (another base model, sketch seed or dimension, learning rate) copied into a
+    run: consistent among themselves, they were accepted; the stored config differs from the run's."""
+    victim = tmp_path / "victim"
+    shutil.copytree(ippo_run, victim)
+    shutil.rmtree(victim / "sketches")
+    shutil.copytree(other_runs[what] / "sketches", victim / "sketches")
+    with pytest.raises(ValueError, match=rf"iter-000001\.safetensors: .*{what}"):
+        A.attribute(victim, "validation", progress=False, model_and_tokenizer=tiny())
+
+
+def remove_iteration_1(run_dir):
+    for path in A.iteration_paths(run_dir, 1):
+        path.unlink()
+
+
+def swap_snapshot(run_dir):
+    shutil.copy(A.iteration_paths(run_dir, 1)[1], A.iteration_paths(run_dir, 2)[1])
+
+
+def old_format(run_dir):
+    for it in (1, 2):
+        set_metadata(A.iteration_paths(run_dir, it)[0], format="ippo-sketches/1", config=None)
+
+
+@pytest.mark.parametrize("damage, match, error", [
+    # iteration 1's files gone: iteration 2 alone was attributed, exit 0
+    (remove_iteration_1, r"iter-000001\.safetensors: missing sketch file of iteration 1", FileNotFoundError),
+    # iteration 1's adapter snapshot in iteration 2's place: the validation gradient at the wrong adapter
+    (swap_snapshot, r"iter-000002\.adapter\.safetensors: .*iteration 1, expected 2", ValueError),
+    # a NaN, infinite, negative or zero lr scales every attribution: NaN JSON, a plot error, every sign flipped
+    *[(lambda run_dir, v=value: set_metadata(A.iteration_paths(run_dir, 2)[0], lr=v),
+       rf"iter-000002\.safetensors: lr must be a finite number > 0, got {value}", ValueError)
+      for value in ("nan", "inf", "-1.0", "0.0")],
+    # written before sketch files recorded their run's config: nothing says which base model they were taken on
+    (old_format, r"iter-000001\.safetensors: .*ippo-sketches/1.*do not record their run.s config", ValueError),
+], ids=["gap", "snapshot-of-iteration-1", "lr-nan", "lr-inf", "lr-negative", "lr-zero", "old-format"])
+def test_attribute_refuses_stored_files_that_are_not_the_run(ippo_run, tmp_path, damage, match, error):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(ippo_run, run_dir)
+    damage(run_dir)
+    with pytest.raises(error, match=match):
+        A.attribute(run_dir, "validation", progress=False, model_and_tokenizer=tiny())
