@@ -164,13 +164,18 @@ def _run(args) -> int:
         algos = parse_algos(args.algos)
         if args.seeds is not None:
             return _compare_seeds(args, algos, progress)
+        from ippo.train.checkpoint import check_run_dir
+
         out = Path(args.out or f"runs/compare-seed{args.seed}")
+        jobs = [(algo, out / algo, _config(args, algo=algo)) for algo in algos]
+        resumed = {algo: args.resume and (run / "latest.json").is_file() for algo, run, _ in jobs}
+        for algo, run, cfg in jobs:  # every folder can be trained into, before the first algorithm trains
+            cfg.validate()
+            check_run_dir(cfg, run, resumed[algo])
         dirs = []
-        for algo in algos:
+        for algo, run, cfg in jobs:
             start = time.perf_counter()
-            run = out / algo
-            resume = args.resume and (run / "latest.json").is_file()
-            trainer.train(_config(args, algo=algo), run, resume=resume, progress=progress)
+            trainer.train(cfg, run, resume=resumed[algo], progress=progress)
             print(f"{algo}: done in {time.perf_counter() - start:.0f}s")
             dirs.append(run)
         md = report.write_report(dirs, out, title=f"compare {', '.join(algos)} (seed {args.seed})")

@@ -211,3 +211,32 @@ def test_compare_refuses_duplicate_algos_and_huge_seeds(tmp_path, capsys):
     assert cli.main(["compare", "--seeds", "0,99999999999999999999", *nope]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_differences_follow_the_resume_rule(tmp_path):
+    """What ``ippo train --resume`` may change is no difference; a run that went past the sweep's --iterations or
+    --wall-budget is one (its numbers are not the sweep's)."""
+    import dataclasses
+
+    cfg = cfg_for(tmp_path, algo="ppo", iterations=2)
+    run(cfg, tmp_path / "run")
+    same = dataclasses.replace(cfg, iterations=5, threads=2, device="cpu", wall_budget=1e9)
+    assert compare.differences(tmp_path / "run", same) == []
+    assert compare.differences(tmp_path / "run", dataclasses.replace(cfg, iterations=1)) == [
+        "trained to iteration 2, past the sweep's --iterations 1"]
+    assert compare.differences(tmp_path / "run", dataclasses.replace(cfg, wall_budget=1e-9)) == [
+        "trained past the sweep's --wall-budget 1e-09s"]
+    assert compare.differences(tmp_path / "run", dataclasses.replace(cfg, lr=1e-3, clip=0.3)) == [
+        "clip 0.2 (the sweep's 0.3)", "lr 0.0001 (the sweep's 0.001)"]
+
+
+def test_compare_without_seeds_checks_every_folder_before_any_work(tmp_path, capsys):
+    """ippo compare (one seed): a folder of a later algorithm that cannot be trained into (it holds something else;
+    without --resume, a run) is refused before the first algorithm trains."""
+    saved_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    (out / "grpo").mkdir(parents=True)
+    (out / "grpo" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["compare", *sweep_args(tmp_path, out, "--algos", "ppo,grpo")]) == 2
+    assert "holds no ippo run" in capsys.readouterr().err and not (out / "ppo").exists()
