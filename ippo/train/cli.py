@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (replaces --seed; default: none, "
                    "one run per algo with --seed)")
     p.add_argument("--resume", action="store_true", help="resume each run that has a checkpoint (with --seeds: "
-                   "finished runs are skipped)")
+                   "finished runs are skipped, and a run whose config.json differs from the sweep's, but for what "
+                   "`ippo train --resume` may change, is neither resumed nor counted: the report names it, exit 1)")
     _add_config_options(p, skip=("algo",))
 
     p = sub.add_parser("probe", help="score many rollout draws at the SFT warm start (no training): how well the "
