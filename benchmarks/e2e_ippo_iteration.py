@@ -95,7 +95,7 @@ def scoring_study(L, rounds: int, restore) -> dict:
     import torch
 
     import ippo.kernels
-    from ippo.train import trainer as T
+    from ippo.train import learner, policy, scoring
 
     real_scorer = ippo.kernels.InfluenceScorer
 
@@ -103,22 +103,22 @@ def scoring_study(L, rounds: int, restore) -> dict:
         return real_scorer(*args, **(kwargs | {"lora_grads": True}))
 
     restore()
-    buf = T.rollout(L, 1)
-    T.compute_advantages(L.cfg, buf)
+    buf = learner.rollout(L, 1)
+    learner.compute_advantages(L.cfg, buf)
     val_examples = random.Random(2).sample(L.task.split("validation"), L.cfg.val_size)
-    real_batches, n = T.length_batches, len(buf.ro.texts)
+    real_batches, n = policy.length_batches, len(buf.ro.texts)
     modes = {"now": {}, "LoRA weight grads": {"lora_grads": True},
              "one scoring batch": {"lora_grads": True, "one_batch": True},
              "before": {"lora_grads": True, "one_batch": True, "val_batch": L.cfg.val_size}}
     results = {m: [] for m in modes}
     for r in range(rounds):
         for mode, how in (modes.items() if r % 2 == 0 else reversed(modes.items())):
-            T.length_batches = (lambda ro, b: real_batches(ro, n)) if how.get("one_batch") else real_batches
+            policy.length_batches = (lambda ro, b: real_batches(ro, n)) if how.get("one_batch") else real_batches
             ippo.kernels.InfluenceScorer = with_lora_grads if how.get("lora_grads") else real_scorer
             cfg = dataclasses.replace(L.cfg, val_batch=how.get("val_batch", L.cfg.val_batch))
             timing = Counter()
             with PeakRSS() as mem:
-                scores = T.score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
+                scores = scoring.score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
                                           val_examples, timing)
             results[mode].append({"val_grad": timing["val_grad"], "scoring": timing["scoring"],
                                   "peak_over_start_gib": (mem.peak - mem.start) / 2**30,
@@ -126,7 +126,7 @@ def scoring_study(L, rounds: int, restore) -> dict:
             row = results[mode][-1]
             print(f"scoring study round {r} {mode:18s}: val_grad {row['val_grad']:.1f}s, "
                   f"scoring {row['scoring']:.1f}s, peak +{row['peak_over_start_gib']:.2f} GiB", flush=True)
-    T.length_batches, ippo.kernels.InfluenceScorer = real_batches, real_scorer
+    policy.length_batches, ippo.kernels.InfluenceScorer = real_batches, real_scorer
     ref = torch.tensor(results["before"][0]["scores"])
     out = {}
     for mode, rows in results.items():
@@ -144,11 +144,11 @@ def val_study(L, cfg, sizes: list[int], draws: int, restore) -> list[dict]:
     within each pair, agreement of the keep decisions (score > tol), and the seconds of each validation gradient."""
     import torch
 
-    from ippo.train import trainer as T
+    from ippo.train import learner, scoring
 
     restore()
-    buf = T.rollout(L, 1)
-    T.compute_advantages(L.cfg, buf)
+    buf = learner.rollout(L, 1)
+    learner.compute_advantages(L.cfg, buf)
     val_split, rng, out = L.task.split("validation"), random.Random(1), []
 
     def ranks(x):
@@ -161,7 +161,7 @@ def val_study(L, cfg, sizes: list[int], draws: int, restore) -> list[dict]:
             scores = []
             for part in (draw[:n], draw[n:]):
                 timing = Counter()
-                scores.append(T.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp,
+                scores.append(scoring.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp,
                                                buf.advantages, part, timing).double())
                 row["val_grad_s"].append(timing["val_grad"])
                 row["kept"].append(float((scores[-1] > cfg.tol).double().mean()))
@@ -204,11 +204,12 @@ def main(argv=None) -> None:
 
     import torch
 
-    from ippo.train import trainer as T
+    from ippo.train import checkpoint, config, learner, trainer
+    from ippo.train import ppo_math as pm
 
     args.out.mkdir(parents=True, exist_ok=True)
     real = args.model not in SHAPES
-    cfg = T.Config(algo="ppo", model=args.model, prompts_per_iter=args.prompts, samples_per_prompt=args.samples,
+    cfg = config.Config(algo="ppo", model=args.model, prompts_per_iter=args.prompts, samples_per_prompt=args.samples,
                    sft_steps=args.sft_steps if real else 0, threads=args.threads, eval_every=10**6)
     if args.max_new_tokens:
         cfg.max_new_tokens = args.max_new_tokens
@@ -222,7 +223,7 @@ def main(argv=None) -> None:
 
         from ippo.testing import tiny_tokenizer
 
-        with torch.device(T.resolve_device(cfg)):
+        with torch.device(config.resolve_device(cfg)):
             torch.manual_seed(0)
             model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.model], max_position_embeddings=4096, bos_token_id=2,
                                                  eos_token_id=3, pad_token_id=0))
@@ -233,20 +234,20 @@ def main(argv=None) -> None:
             return [float(coin.random() < 0.5) for _ in completions]
 
     # resume=True only skips the base model's eval; the SFT warm start comes from its cache (or is trained once)
-    L, _, sft_info = T.setup_learner(cfg, args.out / "run", True, model_and_tokenizer, reward_fn, print, False)
-    snapshot = copy.deepcopy((T.trainable_state(L.lm), L.value_head.state_dict(), L.opt.state_dict(),
+    L, _, sft_info = learner.setup_learner(cfg, args.out / "run", True, model_and_tokenizer, reward_fn, print, False)
+    snapshot = copy.deepcopy((checkpoint.trainable_state(L.lm), L.value_head.state_dict(), L.opt.state_dict(),
                               L.rng.getstate()))
     coin_state = coin.getstate() if not real else None
 
-    real_filter = T.pm.ippo_filter
+    real_filter = pm.ippo_filter
 
     def keep_all(scores, tol, signal=None):
         real_filter(scores, tol, signal)  # the same checks and work
-        return T.pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
+        return pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
 
     def restore(algo: str) -> None:
         lora, head, opt, rng = copy.deepcopy(snapshot)
-        T.load_trainable_state(L.lm, lora)
+        checkpoint.load_trainable_state(L.lm, lora)
         L.value_head.load_state_dict(head)
         L.opt.load_state_dict(opt)
         L.rng.setstate(rng)
@@ -258,12 +259,12 @@ def main(argv=None) -> None:
 
     def one_iteration(variant: str) -> dict:
         algo = variant.split("-")[0]
-        T.pm.ippo_filter = keep_all if variant == "ippo-keepall" else real_filter
+        pm.ippo_filter = keep_all if variant == "ippo-keepall" else real_filter
         restore(algo)
         timing = Counter({k: 0.0 for k in PHASES})
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            record, stop = T.rl_iteration(L, 1, timing)
+            record, stop = trainer.rl_iteration(L, 1, timing)
             total = time.perf_counter() - t0
         texts = [e["completion"] for e in record["top_episodes"] + record["bottom_episodes"]]
         return {"algo": variant, "total": total, **{k: timing[k] for k in PHASES}, "peak_rss_gib": mem.peak / 2**30,
@@ -282,7 +283,7 @@ def main(argv=None) -> None:
                   + f"; peak {row['peak_rss_gib']:.2f} GiB (+{row['peak_over_start_gib']:.2f}); kept "
                   f"{row['kept_fraction']:.2f}, reward {row['reward']:.2f}", flush=True)
     same_buffer = len({(r["buffer"], r["reward"]) for r in runs}) == 1
-    summary = {"device": torch.cuda.get_device_name() if T.resolve_device(cfg).type == "cuda" else "cpu",
+    summary = {"device": torch.cuda.get_device_name() if config.resolve_device(cfg).type == "cuda" else "cpu",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model,
                "episodes_per_iteration": args.prompts * args.samples, "config": dataclasses.asdict(cfg),
                "sft": sft_info, "same_buffer": same_buffer, "runs": runs, "fastest": {}, "median": {}}

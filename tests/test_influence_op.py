@@ -6,6 +6,7 @@ import zlib
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import folded_inputs, random_inputs
 
 from ippo.kernels import influence_scores
 from ippo.kernels.ops import segment_sum
@@ -14,18 +15,6 @@ from ippo.kernels.ops import segment_sum
 SHAPES = [(0, 8, 8, 2, 3), (1, 1, 1, 1, 1), (37, 70, 90, 3, 5), (200, 130, 64, 16, 7), (64, 33, 17, 7, 1),
           (129, 65, 200, 5, 40)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def random_inputs(n, d_in, d_out, r, episodes, dtype, generator):
-    """Inputs in ``dtype`` (values drawn in float32), ids in [-1, episodes) so some tokens are padding and
-    some episodes empty; grad_y and x are strided views to exercise non-contiguous loads."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
-    x = randn(d_in, n).T
-    grad_y = randn(n, 2 * d_out)[:, ::2]
-    args = dict(x=x, h=randn(n, r), grad_y=grad_y, grad_h=randn(n, r), val_A=randn(r, d_in), val_B=randn(d_out, r))
-    segment_ids = torch.randint(-1, episodes, (n,), generator=generator).to(DEVICE)
-    return args, segment_ids
 
 
 def definition(x, h, grad_y, grad_h, val_A, val_B, segment_ids, num_segments, scaling, dtype):
@@ -92,17 +81,6 @@ def test_scaling_only_scales_the_B_term(backend):
 
 
 # ---- lora_token_influence: the scorer's combine of the folded GEMMs' rank-r outputs ----------------------------
-
-def folded_inputs(n, d_in, d_out, r, episodes, dtype, generator):
-    """``random_inputs`` plus the scorer's folded GEMM outputs in ``dtype``: x [A; V_A]^T and grad_y [B, V_B]
-    (N, 2r), whose column halves (strided views) are h, x_va = x V_A^T and g B, g_vb = grad_y V_B."""
-    args, segment_ids = random_inputs(n, d_in, d_out, r, episodes, dtype, generator)
-    weight_A = torch.randn(r, d_in, generator=generator).to(DEVICE, dtype)
-    weight_B = torch.randn(d_out, r, generator=generator).to(DEVICE, dtype)
-    hv = args["x"] @ torch.cat([weight_A, args["val_A"]]).T
-    gv = args["grad_y"] @ torch.cat([weight_B, args["val_B"]], 1)
-    args.update(h=hv[:, :r], grad_h=gv[:, :r] * 0.37)
-    return args, dict(h=hv[:, :r], x_va=hv[:, r:], g_vb=gv[:, r:], grad_h=args["grad_h"]), segment_ids
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])

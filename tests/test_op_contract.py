@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICE
-from test_influence_op import folded_inputs, random_inputs
+from helpers import folded_inputs, random_inputs
 
 from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
 from ippo.kernels.backends import select_backend

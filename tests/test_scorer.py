@@ -7,55 +7,17 @@ import re
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import LENGTHS, batch, random_episodes, tiny_model, val_grads_of
 from peft import LoraConfig, get_peft_model
 
 from ippo.kernels import InfluenceScorer, lora_weights, segment_ids_from_mask, validation_gradients
-from ippo.testing import episode_losses, init_lora_B, lora_llama, lora_pairs, loss_influence, per_episode_loop
-
-VOCAB = 50
-LENGTHS = [1, 7, 12, 0, 4, 9]  # an episode of one token, and an empty one
-
-
-def tiny_model(dropout=0.0, seed=0):
-    """float64 2-layer Llama (hidden 24, MLP 40, 4 heads, 2 kv heads), LoRA r=3, scaling 5/3, on every projection."""
-    return lora_llama(VOCAB, rank=3, alpha=5, dropout=dropout, lora_B_std=0.2, seed=seed, hidden_size=24,
-                      intermediate_size=40, dtype=torch.float64, device=DEVICE)
-
-
-def random_episodes(lengths, seed=0):
-    """Per episode: token ids, per-token target ids and per-token loss weights (like PPO advantages)."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, VOCAB, (n,), generator=g), torch.randint(0, VOCAB, (n,), generator=g),
-             torch.randn(n, generator=g, dtype=torch.float64)) for n in lengths]
-
-
-def batch(episodes, padding="right", row_length=None):
-    """(input_ids, targets, weights, attention_mask, position_ids, segment_ids) on DEVICE, one episode per row,
-    padded to ``row_length`` on the given side; padding has segment id -1 and weight 0. The first five are
-    ``episode_losses``' arguments."""
-    length = row_length or max(1, max(len(e[0]) for e in episodes))
-    rows = len(episodes)
-    input_ids = torch.zeros(rows, length, dtype=torch.long)
-    targets = torch.zeros(rows, length, dtype=torch.long)
-    weights = torch.zeros(rows, length, dtype=torch.float64)
-    segment_ids = torch.full((rows, length), -1, dtype=torch.long)
-    mask = torch.zeros(rows, length, dtype=torch.long)
-    for i, (ids, tgt, w) in enumerate(episodes):
-        n = len(ids)
-        cols = slice(length - n, length) if padding == "left" else slice(0, n)
-        input_ids[i, cols], targets[i, cols], weights[i, cols], segment_ids[i, cols], mask[i, cols] = ids, tgt, w, i, 1
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    return tuple(t.to(DEVICE) for t in (input_ids, targets, weights, mask, position_ids, segment_ids))
+from ippo.testing import episode_losses, init_lora_B, lora_pairs, loss_influence, per_episode_loop
 
 
 def reference(model, val_grads, episodes):
     """The per-episode loop (empty episodes score 0)."""
     input_ids, targets, weights, mask, _, _ = batch(episodes)
     return per_episode_loop(model, val_grads, input_ids, targets, weights, mask)
-
-
-def val_grads_of(model, seed=99):
-    return validation_gradients(model, episode_losses(model, *batch(random_episodes([10, 6, 8], seed=seed))[:5]).sum())
 
 
 def scored_backward(model, val_grads, input_ids, targets, weights, mask, position_ids, segment_ids, num_segments=None):

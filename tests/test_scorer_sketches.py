@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from test_scorer import LENGTHS, batch, random_episodes, tiny_model, val_grads_of
+from helpers import LENGTHS, batch, random_episodes, tiny_model, val_grads_of
 
 from ippo.kernels import InfluenceScorer, sketch_gradients, sketch_layer_index
 from ippo.kernels.scorer import lora_linear_layers, lora_weights

@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 from conftest import DEVICE
-from test_influence_op import random_inputs
+from helpers import random_inputs
 
 from ippo.kernels import gradient_sketches, influence_scores, sketch_lora_gradient
 from ippo.kernels.projection import SIDE_IN, SIDE_OUT, projection_salt, rademacher_signs

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from ippo.train import report, trainer
+    from ippo.train.evaluation import evaluate_run
 
     progress = not getattr(args, "no_progress", False)
     if args.command == "train":
@@ -157,7 +158,7 @@ def _run(args) -> int:
         _print_eval("SFT warm start", ev)
         print(f"run directory: {out}")
     elif args.command == "eval":
-        ev = trainer.evaluate_run(args.run, eval_size=args.eval_size, eval_k=args.eval_k)
+        ev = evaluate_run(args.run, eval_size=args.eval_size, eval_k=args.eval_k)
         print(json.dumps(ev, indent=1))
     elif args.command == "compare":
         from ippo.train.compare import parse_algos

@@ -7,7 +7,7 @@ draw of ``val_size`` pairs. Per draw (``probe.json``):
 - the stop: distinct_per_group (distinct completions per prompt group, mean), all_equal (every reward of the buffer
   equal), paper_stop (no score > tol: the paper's rule stops),
   signal_fraction and evidence_empty (no score > tol among episodes with reward signal);
-- ``trainer.probe_metrics`` under ``--stop-rule``: flip_auc_score / _advantage / _random, flip_recall(_random),
+- ``probe_metrics`` under ``--stop-rule``: flip_auc_score / _advantage / _random, flip_recall(_random),
   unfaithful_auc_score / _advantage (ppo_math.low_auc: 0.5 = chance, 1 = low scores find every one);
 - stability: spearman_disjoint (the scores against a second validation draw of the same size, disjoint from the
   first), spearman_big (against a draw of ``--big-val-size`` pairs) and their flip AUCs; the score of the
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import time
 from collections import Counter
@@ -37,12 +38,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ippo.train import ppo_math as pm
-from ippo.train import stats
-from ippo.train import trainer as T
+from ippo.train import scoring, stats
 from ippo.train.checkpoint import atomic_write, check_paths
 from ippo.train.config import Config
+from ippo.train.learner import Buffer, Learner, RewardFn, compute_advantages, rollout, setup_learner
+from ippo.train.policy import Rollout
+from ippo.train.tasks import Example, Task
 
 AUCS = ("flip_auc_score", "flip_auc_advantage", "flip_auc_random", "flip_auc_disjoint", "flip_auc_big",
         "flip_auc_length", "flip_auc_cosine", "unfaithful_auc_score", "unfaithful_auc_advantage")
@@ -50,8 +54,63 @@ CORRELATIONS = ("spearman_disjoint", "spearman_big", "spearman_length", "spearma
                 "sign_agreement", "top_direction_share")
 
 
+# ========================================================== per-iteration metrics (the trainer logs them)
+
+
+def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, seed: str) -> dict:
+    """How well low scores, low mean advantages and random numbers find harmful episodes (ppo_math.low_auc; a
+    metric is left out where a class is empty).
+
+    --reward-noise: flipped (count), flip_auc_score / _advantage / _random (the random one from ``seed``: 0.5
+    expected), flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a
+    random filter with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final
+    answer is right (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
+    unfaithful_auc_score / _advantage.
+    """
+    advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
+    out: dict = {}
+    if buf.flipped is not None:
+        noise = torch.rand(len(keep), generator=torch.Generator().manual_seed(
+            random.Random(f"probe-random:{seed}").getrandbits(63)))
+        out.update(flipped=int(buf.flipped.sum()), flip_auc_advantage=stats.low_auc(advantage, buf.flipped),
+                   flip_auc_random=stats.low_auc(noise, buf.flipped))
+        if scores is not None and buf.flipped.any():
+            out.update(flip_auc_score=stats.low_auc(scores, buf.flipped),
+                       flip_recall=float((~keep[buf.flipped]).float().mean()),
+                       flip_recall_random=1 - float(keep.float().mean()))
+    correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
+    correct = torch.tensor(correct, dtype=torch.bool, device=advantage.device)
+    unfaithful = torch.tensor(unfaithful, dtype=torch.bool, device=advantage.device)[correct]
+    out.update(unfaithful=int(unfaithful.sum()), unfaithful_auc_advantage=stats.low_auc(advantage[correct], unfaithful))
+    if scores is not None:
+        out["unfaithful_auc_score"] = stats.low_auc(scores[correct], unfaithful)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def distinct_per_group(ro: Rollout) -> float:
+    """Distinct completions per prompt group, mean over the buffer's groups (1 = every group sampled one text)."""
+    return len(set(zip(ro.group.tolist(), ro.texts))) / len(ro.group.unique())
+
+
+def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple[list[bool], list[bool]]:
+    """Per episode: the final answer is right (``task.check_answer``), and it has a wrong step (``check_steps``);
+    a checker that raises counts as a wrong answer (it is counted where the reward is computed)."""
+    correct, wrong_step = [], []
+    for text, example in zip(texts, examples):
+        try:
+            correct.append(bool(task.check_answer(text, example)))
+            wrong_step.append(task.check_steps(text)[1] > 0)
+        except Exception:
+            correct.append(False)
+            wrong_step.append(False)
+    return correct, wrong_step
+
+
+# =========================================================================== ippo probe
+
+
 def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stability: bool = True, log=print,
-          model_and_tokenizer=None, reward_fn: T.RewardFn | None = None, progress: bool = False) -> dict:
+          model_and_tokenizer=None, reward_fn: RewardFn | None = None, progress: bool = False) -> dict:
     """Run ``draws`` draws of ``cfg`` at its SFT warm start; write ``probe.json`` and ``probe.png`` into
     ``out_dir`` and return the JSON's content (config, draws, summary)."""
     cfg.validate()
@@ -65,7 +124,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     check_paths(cfg, out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    L, _, _ = T.setup_learner(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
+    L, _, _ = setup_learner(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
     val_split = L.task.split("validation")
     if stability and 2 * cfg.val_size > len(val_split):
         raise ValueError(f"--val-size {cfg.val_size}: two disjoint draws need {2 * cfg.val_size} validation "
@@ -73,15 +132,15 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     results = []
     for d in range(1, draws + 1):
         t0, timing = time.perf_counter(), Counter()
-        buf = T.rollout(L, d, timing)
+        buf = rollout(L, d, timing)
         val = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
-        T.compute_advantages(cfg, buf)
+        compute_advantages(cfg, buf)
         if cfg.sketch_dim:
             scores, sketches = _score(L, buf, val, timing, sketches=True)
         else:
             scores = _score(L, buf, val, timing)
         L.empty_streak, record = 0, {}
-        keep, _, _ = T.filter_episodes(L, buf, scores, record)
+        keep, _, _ = scoring.filter_episodes(L, buf, scores, record)
         signal = pm.signal_episodes(buf.rewards, buf.ro.group)
         advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
         row = {"draw": d, "episodes": len(scores), "reward": float(buf.rewards.mean()),
@@ -90,9 +149,9 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "signal_fraction": float(signal.float().mean()),
                "evidence_empty": not bool(((scores > cfg.tol) & signal).any()),
                "kept_fraction": float(keep.float().mean()),
-               "distinct_per_group": T.distinct_per_group(buf.ro),
+               "distinct_per_group": distinct_per_group(buf.ro),
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
-        row.update(T.probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
+        row.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
                    spearman_advantage=stats.spearman(scores, advantage))
         per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
                        "length": buf.mask.sum(1)} | ({} if buf.flipped is None else {"flipped": buf.flipped.float()})
@@ -139,8 +198,8 @@ def write(cfg: Config, out_dir: Path, results: list[dict], big_val_size: int | N
     return report
 
 
-def _score(L: T.Learner, buf: T.Buffer, val, timing: Counter, sketches: bool = False):
-    return T.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp, buf.advantages, val, timing,
+def _score(L: Learner, buf: Buffer, val, timing: Counter, sketches: bool = False):
+    return scoring.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp, buf.advantages, val, timing,
                             sketches=sketches)
 
 

@@ -6,34 +6,27 @@ import dataclasses
 import json
 import shutil
 
+import helpers
 import pytest
 import torch
+from helpers import TOK, lora_params, tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ippo.kernels
-from ippo.kernels import LoRAGrad, sketch_gradients
-from ippo.kernels.scorer import active_adapter, lora_linear_layers
-from ippo.testing import tiny_llama, tiny_tokenizer
+from ippo.kernels import LoRAGrad, lora_weights, sketch_gradients
+from ippo.kernels.scorer import lora_linear_layers
 from ippo.train import attribution as A
-from ippo.train import cli
+from ippo.train import checkpoint, cli, config, learner, policy, scoring
+from ippo.train import ppo_math as pm
 from ippo.train import trainer as T
 from ippo.train.model import add_lora
 
-TOK = tiny_tokenizer()
 K = 16  # a multiple of 2 x lora_r = 8
 
 
-def tiny(dtype=torch.float32):
-    return tiny_llama(len(TOK), hidden_size=32, num_layers=2, dtype=dtype), TOK
-
-
-def cfg_for(tmp_path, **kw) -> T.Config:
-    base = dict(model=str(tmp_path / "tiny-model"), arith_steps=1, arith_digits=1, arith_sizes="40,8,8",
-                lora_r=4, lora_alpha=8, sft_steps=2, sft_batch=4, iterations=2, prompts_per_iter=2,
-                samples_per_prompt=3, max_new_tokens=10, minibatch=4, val_size=4, eval_size=2, eval_k=2,
-                eval_every=2, cache_dir=str(tmp_path / "cache"), threads=1, sketch_dim=K)
-    return T.Config(**(base | kw))
+def cfg_for(tmp_path, **kw) -> config.Config:
+    return helpers.cfg_for(tmp_path, **(dict(iterations=2, eval_size=2, eval_every=2, sketch_dim=K) | kw))
 
 
 def alternating(completions, examples):
@@ -42,22 +35,13 @@ def alternating(completions, examples):
 
 
 def run(cfg, run_dir, dtype=torch.float32, **kw):
-    return T.train(cfg, run_dir, **({"progress": False, "model_and_tokenizer": tiny(dtype), "reward_fn": alternating,
-                                     "log": lambda _: None} | kw))
-
-
-def lora_params(lm):
-    return [p for p in lm.parameters() if p.requires_grad]
+    return helpers.run(cfg, run_dir, dtype, **({"reward_fn": alternating, "log": lambda _: None} | kw))
 
 
 def as_lora_grads(lm, grads) -> dict[str, LoRAGrad]:
     """{layer: LoRAGrad} of a flat gradient list in ``lora_params`` order (A, B of each layer, the model's order)."""
     index = {id(p): g for p, g in zip(lora_params(lm), grads)}
-    out = {}
-    for name, layer in lora_linear_layers(lm).items():
-        adapter = active_adapter(name, layer)
-        out[name] = LoRAGrad(index[id(layer.lora_A[adapter].weight)], index[id(layer.lora_B[adapter].weight)])
-    return out
+    return {name: LoRAGrad(index[id(A)], index[id(B)]) for name, (A, B) in lora_weights(lm).items()}
 
 
 def files(run_dir):
@@ -107,7 +91,7 @@ def test_files_per_iteration_and_training_unchanged(tmp_path, monkeypatch, algo)
     real = T.rl_iteration
 
     def recording(L, it, timing):
-        starts[it] = {n: t.clone() for n, t in T.trainable_state(L.lm).items()}  # (a view of the parameters)
+        starts[it] = {n: t.clone() for n, t in checkpoint.trainable_state(L.lm).items()}  # (a view of the parameters)
         return real(L, it, timing)
 
     monkeypatch.setattr(T, "rl_iteration", recording)
@@ -115,7 +99,7 @@ def test_files_per_iteration_and_training_unchanged(tmp_path, monkeypatch, algo)
     monkeypatch.setattr(T, "rl_iteration", real)
     run(cfg_for(tmp_path, algo=algo, sketch_dim=0), tmp_path / "without")
 
-    run_dir, task = tmp_path / "with", T.build_task(cfg_for(tmp_path))
+    run_dir, task = tmp_path / "with", config.build_task(cfg_for(tmp_path))
     assert files(run_dir) == [f"iter-00000{i}.{ext}" for i in (1, 2)
                                       for ext in ("adapter.safetensors", "json", "safetensors")]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -154,10 +138,10 @@ def test_ippo_scores_and_sketches_from_one_backward_equal_the_per_episode_loop(t
     episode at a time, and the stored scores the exact <g_i, g_val>; one scorer (one backward) per micro-batch gave
     both."""
     seen, scorers = {}, []
-    real_score, real_scorer = T.score_episodes, ippo.kernels.InfluenceScorer
+    real_score, real_scorer = scoring.score_episodes, ippo.kernels.InfluenceScorer
 
     def spy(lm, tok, task, cfg, ro, old_logp, advantages, val_examples, timing, **kw):
-        seen.update(state={n: t.clone() for n, t in T.trainable_state(lm).items()}, ro=ro, old_logp=old_logp,
+        seen.update(state={n: t.clone() for n, t in checkpoint.trainable_state(lm).items()}, ro=ro, old_logp=old_logp,
                     advantages=advantages, val=val_examples)
         return real_score(lm, tok, task, cfg, ro, old_logp, advantages, val_examples, timing, **kw)
 
@@ -166,20 +150,20 @@ def test_ippo_scores_and_sketches_from_one_backward_equal_the_per_episode_loop(t
             scorers.append((val_grads is not None, kw.get("sketch_dim")))
             super().__init__(model, val_grads, *args, **kw)
 
-    monkeypatch.setattr(T, "score_episodes", spy)
+    monkeypatch.setattr(scoring, "score_episodes", spy)
     monkeypatch.setattr(ippo.kernels, "InfluenceScorer", Counting)
     cfg = cfg_for(tmp_path, iterations=1)
     run(cfg, tmp_path / "run", dtype=torch.float64)
     assert scorers == [(True, K), (True, K)]  # 6 episodes in micro-batches of 4: two scored backwards
 
     lm = add_lora(tiny(torch.float64)[0], r=4, alpha=8)
-    T.load_trainable_state(lm, seen["state"])
-    ro, params, task = seen["ro"], lora_params(lm), T.build_task(cfg)
-    g_val = torch.autograd.grad(T.sft_loss(lm, TOK, task, seen["val"]), params)
+    checkpoint.load_trainable_state(lm, seen["state"])
+    ro, params, task = seen["ro"], lora_params(lm), config.build_task(cfg)
+    g_val = torch.autograd.grad(policy.sft_loss(lm, TOK, task, seen["val"]), params)
     stored = load_file(A.iteration_paths(tmp_path / "run", 1)[0])
     for i in range(6):
-        logp, _ = T.response_logprobs(lm, ro, temperature=cfg.temperature)
-        per_episode, _ = T.pm.policy_loss(logp, seen["old_logp"], seen["advantages"], ro.mask, cfg.clip)
+        logp, _ = policy.response_logprobs(lm, ro, temperature=cfg.temperature)
+        per_episode, _ = pm.policy_loss(logp, seen["old_logp"], seen["advantages"], ro.mask, cfg.clip)
         g_i = torch.autograd.grad(per_episode[i], params)
         expected = sketch_gradients(as_lora_grads(lm, g_i), K, 0, model=lm)
         assert expected.dtype == torch.float64
@@ -194,18 +178,18 @@ def test_resume_after_a_kill_rewrites_exactly_the_uninterrupted_files(tmp_path, 
     uninterrupted run (the same tensors, metadata and texts), and names what it removed."""
     cfg = cfg_for(tmp_path, iterations=3)
     run(cfg, tmp_path / "straight")
-    real_save = T.Learner.save
+    real_save = learner.Learner.save
 
     def dies_saving_2(self, run_dir, iteration, extra):
         if iteration == 2:
             raise KeyboardInterrupt
         return real_save(self, run_dir, iteration, extra)
 
-    monkeypatch.setattr(T.Learner, "save", dies_saving_2)
+    monkeypatch.setattr(learner.Learner, "save", dies_saving_2)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run(cfg, killed)
-    monkeypatch.setattr(T.Learner, "save", real_save)
+    monkeypatch.setattr(learner.Learner, "save", real_save)
     assert "iter-000002.safetensors" in files(killed)
     (killed / "sketches" / ".iter-000003.adapter.safetensors.abcd1234").write_bytes(b"partial")
     (killed / "sketches" / "iter-000003.safetensors").write_bytes(b"not safetensors")
@@ -223,7 +207,7 @@ def test_attribute_equals_an_independent_tracin(ippo_run, tmp_path):
     """attribution = lr x w x <stored sketch, sketch_gradients(grad of VAL's SFT loss at the stored adapter)>, with
     the gradient taken here by plain autograd on one batch; the outputs and the CLI."""
     cfg = A.run_config(ippo_run)
-    task = T.build_task(cfg)
+    task = config.build_task(cfg)
     examples = task.split("eval")[:5]
     val_path = write_val(tmp_path / "val.jsonl", examples + task.split("eval")[5:7])
     result = A.attribute(ippo_run, str(val_path), out=tmp_path / "out", val_size=5, val_batch=2, progress=False,
@@ -232,8 +216,8 @@ def test_attribute_equals_an_independent_tracin(ippo_run, tmp_path):
     lm = add_lora(tiny()[0], r=4, alpha=8)
     for it in (1, 2):
         sketch_path, adapter_path, _ = A.iteration_paths(ippo_run, it)
-        T.load_trainable_state(lm, load_file(adapter_path))
-        grads = torch.autograd.grad(T.sft_loss(lm, TOK, task, examples), lora_params(lm))
+        checkpoint.load_trainable_state(lm, load_file(adapter_path))
+        grads = torch.autograd.grad(policy.sft_loss(lm, TOK, task, examples), lora_params(lm))
         val = sketch_gradients(as_lora_grads(lm, grads), K, 0)
         t = load_file(sketch_path)
         expected = 1e-4 * t["weights"] * (t["sketches"] @ val)
@@ -322,14 +306,14 @@ def set_metadata(path, **changes):
 def test_attribute_refuses_an_iteration_after_the_latest_checkpoint(tmp_path, monkeypatch):
     """Killed after iteration 2's sketches were written but before its checkpoint: latest.json says 1, so iteration
     2's files are not the run's (a resume writes them again) and attribute refuses them, naming the file."""
-    real_save = T.Learner.save
+    real_save = learner.Learner.save
 
     def dies_saving_2(self, run_dir, iteration, extra):
         if iteration == 2:
             raise KeyboardInterrupt
         return real_save(self, run_dir, iteration, extra)
 
-    monkeypatch.setattr(T.Learner, "save", dies_saving_2)
+    monkeypatch.setattr(learner.Learner, "save", dies_saving_2)
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(tmp_path), tmp_path / "killed")
     assert "iter-000002.safetensors" in files(tmp_path / "killed")

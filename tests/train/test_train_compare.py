@@ -6,11 +6,10 @@ import math
 import statistics
 
 import pytest
-from test_train_trainer import cfg_for, records, run, saved_tiny, tiny
+from helpers import cfg_for, records, run, saved_tiny, tiny
 
-from ippo.train import cli, compare, stats
+from ippo.train import cli, compare, config, learner, policy, stats
 from ippo.train import evaluation as E
-from ippo.train import trainer as T
 from ippo.train.model import add_lora
 
 # two-sided 95% Student-t quantiles (tables; scipy is not a dependency): df -> t
@@ -53,7 +52,7 @@ def test_new_options_are_validated():
     for kw, name in [({"wall_budget": -1.0}, "--wall-budget"), ({"wall_budget": math.inf}, "--wall-budget"),
                      ({"final_eval_size": -1}, "--final-eval-size"), ({"eval_greedy": 1}, "--eval-greedy")]:
         with pytest.raises(ValueError, match=name):
-            T.Config(**kw).validate()
+            config.Config(**kw).validate()
 
 
 def test_greedy_eval_is_one_batched_greedy_pass(tmp_path, monkeypatch):
@@ -66,7 +65,7 @@ def test_greedy_eval_is_one_batched_greedy_pass(tmp_path, monkeypatch):
                          ({"eval_temperature": 0.0}, [(2, 0.0)])]:
         cfg = cfg_for(tmp_path, eval_size=3, eval_k=2, **kw)
         calls.clear()
-        ev = E.evaluate(lm, tok, T.build_task(cfg), cfg, seed=0, size=5)
+        ev = E.evaluate(lm, tok, config.build_task(cfg), cfg, seed=0, size=5)
         assert calls == expected and ev["n_questions"] == 5
         assert ("greedy_accuracy" in ev) == cfg.eval_greedy
         if cfg.eval_temperature == 0:
@@ -108,7 +107,7 @@ def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monk
             "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress"]
 
     rollouts = []
-    real_sample = T.sample
+    real_sample = policy.sample
 
     def killed_in_the_third_run(lm, tok, task, examples, k, *rest):
         if k == 3:  # a rollout (evals use k=2 and k=1)
@@ -117,7 +116,7 @@ def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monk
                 raise KeyboardInterrupt
         return real_sample(lm, tok, task, examples, k, *rest)
 
-    monkeypatch.setattr(T, "sample", killed_in_the_third_run)
+    monkeypatch.setattr(learner, "sample", killed_in_the_third_run)
     assert cli.main(args) == 130
     assert json.loads((out / "ppo-seed1" / "latest.json").read_text())["iteration"] == 1
     assert not (out / "ippo-seed1").exists()
@@ -125,7 +124,7 @@ def test_compare_seeds_resume_after_kill_and_missing_runs(tmp_path, capsys, monk
     assert cli.main(args) == 2  # runs exist: refused without --resume, before any work
     assert "--resume" in capsys.readouterr().err
 
-    monkeypatch.setattr(T, "sample", real_sample)
+    monkeypatch.setattr(learner, "sample", real_sample)
     assert cli.main([*args, "--resume"]) == 0
     text = capsys.readouterr().out
     assert "[1/4] ppo-seed0: finished, skipped (3 left)" in text and "[2/4] ippo-seed0: finished, skipped" in text

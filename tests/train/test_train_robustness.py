@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cfg_for, kill_sft_warm_start, records, run, saved_tiny
 from safetensors.torch import load_file, save_file
-from test_train_trainer import cfg_for, kill_sft_warm_start, records, run, saved_tiny
 
 from ippo.train import cli, report
 from ippo.train.config import Config, flag

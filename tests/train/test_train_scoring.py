@@ -3,10 +3,11 @@ accumulated over micro-batches, and the influence scores of the rollout."""
 
 import pytest
 import torch
+from helpers import lora_params
 
 from ippo.testing import lora_llama, tiny_tokenizer
-from ippo.train import policy
-from ippo.train import trainer as T
+from ippo.train import config, learner, policy, scoring
+from ippo.train import ppo_math as pm
 from ippo.train.tasks import Example, make_task
 
 TOK = tiny_tokenizer()
@@ -24,10 +25,6 @@ def task():
     for i, ex in enumerate(val):
         val[i] = Example(ex.question + " Show it." * (i % 3), ex.answer + "\n" * (i % 4))
     return t
-
-
-def lora_params(lm):
-    return [p for p in lm.parameters() if p.requires_grad]
 
 
 def reference_sft_loss(lm, tk, examples):
@@ -79,7 +76,7 @@ def test_trim_rows_drops_only_padding_columns():
 def scoring_setup(tmp_path, **kw):
     """A float64 tiny LoRA Llama, a sampled buffer (prompts left-padded to different lengths, responses
     right-padded) with its old log-probs and values, and a config."""
-    cfg = T.Config(model=str(tmp_path), lora_r=4, lora_alpha=8, minibatch=3, val_batch=2, temperature=0.7, **kw)
+    cfg = config.Config(model=str(tmp_path), lora_r=4, lora_alpha=8, minibatch=3, val_batch=2, temperature=0.7, **kw)
     lm, tk = lora64(), task()
     prompts = [tk.split("train")[0], tk.split("train")[1]]
     prompts[1] = Example(prompts[1].question + " Think twice.", prompts[1].answer)
@@ -103,7 +100,7 @@ def reference_scores(lm, tk, cfg, ro, old_logp, advantages, val_examples):
     out = []
     for i in range(len(ro.texts)):
         logp, _ = policy.response_logprobs(lm, ro, temperature=cfg.temperature)
-        per_episode, _ = T.pm.policy_loss(logp, old_logp, advantages, ro.mask, cfg.clip)
+        per_episode, _ = pm.policy_loss(logp, old_logp, advantages, ro.mask, cfg.clip)
         g_i = torch.autograd.grad(per_episode[i], params)
         out.append(sum((a * b).sum() for a, b in zip(g_i, g_val)))
     return torch.stack(out)
@@ -112,11 +109,11 @@ def reference_scores(lm, tk, cfg, ro, old_logp, advantages, val_examples):
 def advantages_of(kind, cfg, ro, old_logp, values):
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     if kind == "grpo":
-        return T.pm.grpo_advantages(rewards, ro.group).to(torch.float64)[:, None] * ro.mask
-    kl = T.pm.kl_penalty(old_logp, old_logp - 0.01, ro.mask)
-    token_rewards = T.pm.shaped_rewards(rewards, kl, ro.mask, 0.1)
-    adv, _ = T.pm.gae(token_rewards, values, ro.mask, 1.0, 0.95)
-    return T.pm.masked_whiten(adv, ro.mask) if kind == "whitened" else adv
+        return pm.grpo_advantages(rewards, ro.group).to(torch.float64)[:, None] * ro.mask
+    kl = pm.kl_penalty(old_logp, old_logp - 0.01, ro.mask)
+    token_rewards = pm.shaped_rewards(rewards, kl, ro.mask, 0.1)
+    adv, _ = pm.gae(token_rewards, values, ro.mask, 1.0, 0.95)
+    return pm.masked_whiten(adv, ro.mask) if kind == "whitened" else adv
 
 
 @pytest.mark.parametrize("kind", ["whitened", "raw", "grpo"])
@@ -125,7 +122,7 @@ def test_score_episodes_equals_per_episode_gradients_in_float64(tmp_path, kind):
     adv = advantages_of(kind, cfg, ro, old_logp, values)
     val_examples = tk.split("validation")[:5]
     timing = {"val_grad": 0.0, "scoring": 0.0}
-    scores = T.score_episodes(lm, TOK, tk, cfg, ro, old_logp, adv, val_examples, timing)
+    scores = scoring.score_episodes(lm, TOK, tk, cfg, ro, old_logp, adv, val_examples, timing)
     expected = reference_scores(lm, tk, cfg, ro, old_logp, adv, val_examples)
     assert scores.dtype == torch.float64 and (expected != 0).all()
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
@@ -144,18 +141,18 @@ def test_score_in_rollout_equals_per_episode_gradients_and_fills_the_buffer(tmp_
         old_logp, values = policy.buffer_logprobs(lm, ro, cfg.minibatch, head, cfg.temperature)
         with lm.disable_adapter():
             ref_logp, _ = policy.buffer_logprobs(lm, ro, cfg.minibatch, temperature=cfg.temperature)
-    L = T.Learner(cfg, tk, TOK, lm, head, torch.optim.SGD(lora_params(lm), lr=0.1), random.Random(0), None)
+    L = learner.Learner(cfg, tk, TOK, lm, head, torch.optim.SGD(lora_params(lm), lr=0.1), random.Random(0), None)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    buf = T.Buffer(ro, rewards, 0, None, ref_logp, None)
+    buf = learner.Buffer(ro, rewards, 0, None, ref_logp, None)
     val_examples = tk.split("validation")[:5]
     timing = {"val_grad": 0.0, "scoring": 0.0}
-    scores = T.score_in_rollout(L, buf, val_examples, timing)
+    scores = scoring.score_in_rollout(L, buf, val_examples, timing)
     assert torch.equal(buf.old_logp, old_logp) and torch.equal(buf.old_values, values)
-    T.compute_advantages(cfg, buf)
+    learner.compute_advantages(cfg, buf)
     expected = reference_scores(lm, tk, cfg, ro, old_logp, buf.advantages, val_examples)
     assert scores.dtype == torch.float64 and (expected != 0).all()
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
     assert all(p.grad is None for p in lora_params(lm)) and all(p.requires_grad for p in lora_params(lm))
     with pytest.raises(ValueError, match="whiten"):
-        L.cfg = T.Config(model=str(tmp_path), whiten=True)
-        T.score_in_rollout(L, buf, val_examples, timing)
+        L.cfg = config.Config(model=str(tmp_path), whiten=True)
+        scoring.score_in_rollout(L, buf, val_examples, timing)

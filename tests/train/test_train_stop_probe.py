@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from test_train_trainer import cfg_for, lora_state, records, run, saved_tiny, tiny
+from helpers import cfg_for, lora_state, records, run, saved_tiny, tiny
 
-from ippo.train import cli, report, stats
+from ippo.train import cli, config, learner, policy, probe, report, scoring, stats
 from ippo.train import ppo_math as pm
-from ippo.train import trainer as T
 
 
 def alternating(completions, examples):
@@ -85,7 +84,7 @@ def test_random_keep_draws_as_many_among_the_candidates():
 
 def test_keep_by_random_keeps_as_many_signal_episodes_with_weight_1(tmp_path, monkeypatch):
     scores = torch.tensor([3.0, -1.0, 2.0, 1.0, -2.0, 4.0])  # 4 positive: the filter keeps the signal ones of them
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: scores.clone())
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: scores.clone())
     kept = {}
     real = pm.random_keep
 
@@ -94,7 +93,7 @@ def test_keep_by_random_keeps_as_many_signal_episodes_with_weight_1(tmp_path, mo
         kept.setdefault("calls", []).append((keep.clone(), candidates.clone(), out))
         return out
 
-    monkeypatch.setattr(T.pm, "random_keep", spy)
+    monkeypatch.setattr(pm, "random_keep", spy)
     run(cfg_for(tmp_path, algo="ippo", iterations=2, eval_every=10, keep_by="random"), tmp_path / "run",
         reward_fn=alternating)
     recs = records(tmp_path / "run")[1:]
@@ -104,7 +103,7 @@ def test_keep_by_random_keeps_as_many_signal_episodes_with_weight_1(tmp_path, mo
         assert int(out.keep.sum()) == 4 and torch.equal(out.weights, out.keep.float())
         assert rec["kept_fraction"] == rec["score_kept_fraction"] == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="--keep-by"):
-        T.Config(keep_by="best").validate()
+        config.Config(keep_by="best").validate()
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
@@ -159,7 +158,7 @@ def test_spearman_with_ties_and_constants():
 def test_groups_without_signal_decide_nothing(tmp_path, monkeypatch):
     """All rewards equal and every score negative: the paper's rule stops at once; the evidence rule keeps going,
     updates nothing (no signal: nothing kept) and counts no evidence."""
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: -torch.ones(6))
     run(cfg_for(tmp_path, algo="ippo", iterations=3, stop_rule="paper"), tmp_path / "paper", reward_fn=constant)
     assert [r["iteration"] for r in records(tmp_path / "paper")] == [0, 1]
     run(cfg_for(tmp_path, algo="ippo", iterations=3), tmp_path / "evidence", reward_fn=constant)
@@ -169,13 +168,13 @@ def test_groups_without_signal_decide_nothing(tmp_path, monkeypatch):
         assert r["signal_fraction"] == 0 and r["empty_streak"] == 0 and r["kept_fraction"] == 0
         assert not r["early_stop"] and "pg_loss" not in r
     # positive scores do not make episodes without signal count either
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.ones(6))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: torch.ones(6))
     run(cfg_for(tmp_path, algo="ippo", iterations=1), tmp_path / "positive", reward_fn=constant)
     assert records(tmp_path / "positive")[-1]["kept_fraction"] == 0
 
 
 def test_evidence_stop_after_patience_and_across_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: -torch.ones(6))
     cfg = dict(algo="ippo", iterations=4, stop_patience=2, eval_every=10)
     run(cfg_for(tmp_path, **cfg), tmp_path / "straight", reward_fn=alternating)
     recs = records(tmp_path / "straight")
@@ -245,14 +244,14 @@ def test_faithfulness_auc_among_correct_episodes():
     task = Arith(n_steps=2, digits=1, seed=0, sizes=(4, 4, 4))
     ex = Example("2 + 3 then * 2", "2 + 3 = 5\n5 * 2 = 10\n#### 10")
     texts = ["2 + 3 = 5\n5 * 2 = 10\n#### 10", "2 + 3 = 6\n6 * 2 = 10\n#### 10", "#### 7"]
-    correct, unfaithful = T.faithfulness(task, texts, [ex] * 3)
+    correct, unfaithful = probe.faithfulness(task, texts, [ex] * 3)
     assert correct == [True, True, False] and unfaithful == [False, True, False]
     mask = torch.ones(3, 2)
-    ro = T.Rollout(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), mask, 0, texts, [ex] * 3,
+    ro = policy.Rollout(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), mask, 0, texts, [ex] * 3,
                    torch.zeros(3, dtype=torch.long))
-    buf = T.Buffer(ro, torch.tensor([1.0, 1.0, 0.0]), 0, None, torch.zeros(3, 2), None,
+    buf = learner.Buffer(ro, torch.tensor([1.0, 1.0, 0.0]), 0, None, torch.zeros(3, 2), None,
                    advantages=torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]]))
-    out = T.probe_metrics(task, buf, torch.tensor([0.5, -0.5, 9.0]), torch.ones(3, dtype=torch.bool), "0:1")
+    out = probe.probe_metrics(task, buf, torch.tensor([0.5, -0.5, 9.0]), torch.ones(3, dtype=torch.bool), "0:1")
     assert out == {"unfaithful": 1, "unfaithful_auc_score": 1.0, "unfaithful_auc_advantage": 0.0}
 
 

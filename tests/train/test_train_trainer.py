@@ -5,63 +5,20 @@ import json
 
 import pytest
 import torch
+from helpers import cfg_for, coin, kill_sft_warm_start, lora_state, records, run, saved_tiny, tiny
 
-from ippo.testing import tiny_llama, tiny_tokenizer
-from ippo.train import cli, report
+from ippo.train import checkpoint, cli, config, learner, policy, report, scoring
+from ippo.train import ppo_math as pm
 from ippo.train import trainer as T
 from ippo.train.config import Config
 from ippo.train.model import add_lora
 from ippo.train.tasks import Arith
 
-TOK = tiny_tokenizer()
 
-
-def tiny():
-    return tiny_llama(len(TOK), hidden_size=32, num_layers=2), TOK
-
-
-def saved_tiny(tmp_path):
-    """The tiny model and tokenizer saved (safetensors) to tmp_path/tiny-model, for the command line; its path."""
-    model_dir = tmp_path / "tiny-model"
-    model, tok = tiny()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tok.save_pretrained(model_dir)
-    return model_dir
-
-
-def cfg_for(tmp_path, **kw) -> T.Config:
-    base = dict(model=str(tmp_path / "tiny-model"), arith_steps=1, arith_digits=1, arith_sizes="40,8,8",
-                lora_r=4, lora_alpha=8, sft_steps=2, sft_batch=4, iterations=1, prompts_per_iter=2,
-                samples_per_prompt=3, max_new_tokens=10, minibatch=4, val_size=4, eval_size=3, eval_k=2,
-                eval_every=1, cache_dir=str(tmp_path / "cache"), threads=1)
-    return T.Config(**(base | kw))
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def coin(completions, examples):
-    """A deterministic reward that varies between episodes (a random tiny model is never right)."""
-    return [float(sum(map(ord, text)) % 2 == 0) for text in completions]
-
-
-def run(cfg, run_dir, **kw):
-    """``T.train`` on the tiny model, quietly, with the coin reward unless told otherwise."""
-    return T.train(cfg, run_dir, **({"progress": False, "model_and_tokenizer": tiny(), "reward_fn": coin} | kw))
-
-
-def lora_state(run_dir):
-    from safetensors.torch import load_file
-
-    latest = json.loads((run_dir / "latest.json").read_text())
-    return load_file(run_dir / f"{latest['checkpoint']}.safetensors")
-
-
-@pytest.mark.parametrize("algo", T.ALGOS)
+@pytest.mark.parametrize("algo", config.ALGOS)
 def test_one_iteration_of_each_algorithm(tmp_path, algo, monkeypatch):
     critics = []  # the value head each log-prob pass was given
-    real_logprobs = T.response_logprobs
+    real_logprobs = policy.response_logprobs
     monkeypatch.setattr(T, "response_logprobs", lambda *a, **k: critics.append(
         k.get("value_head", a[3] if len(a) > 3 else None)) or real_logprobs(*a, **k))
     run_dir = tmp_path / algo
@@ -86,14 +43,14 @@ def test_one_iteration_of_each_algorithm(tmp_path, algo, monkeypatch):
     elif algo != "sft":
         assert any(c is not None for c in critics) and "vf_loss" in last
     # the LoRA weights moved during the iteration (B starts at 0; the SFT warm start makes it non-zero)
-    start = T.trainable_state(add_lora(tiny()[0], r=4, alpha=8))
+    start = checkpoint.trainable_state(add_lora(tiny()[0], r=4, alpha=8))
     assert any(not torch.equal(t, start[k[5:]]) for k, t in lora_state(run_dir).items() if k.startswith("lora/"))
 
 
 def test_score_episodes_matches_per_episode_gradients(tmp_path):
     """The one-backward scores equal <grad actor_loss_i, grad val_loss> from explicit per-episode autograd."""
     cfg = cfg_for(tmp_path, algo="ippo")
-    task = T.build_task(cfg)
+    task = config.build_task(cfg)
     base, tok = tiny()
     lm = add_lora(base, r=4, alpha=8)
     with torch.no_grad():
@@ -101,18 +58,18 @@ def test_score_episodes_matches_per_episode_gradients(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     torch.manual_seed(0)
-    ro = T.sample(lm, tok, task, task.split("train")[:2], 3, 1.0, 8, 64)
-    old_logp, _ = T.response_logprobs(lm, ro, temperature=cfg.temperature)
+    ro = policy.sample(lm, tok, task, task.split("train")[:2], 3, 1.0, 8, 64)
+    old_logp, _ = policy.response_logprobs(lm, ro, temperature=cfg.temperature)
     old_logp = old_logp.detach()
     adv = torch.randn_like(old_logp) * ro.mask
     val_examples = task.split("validation")[:3]
     timing = {"val_grad": 0.0, "scoring": 0.0}
-    scores = T.score_episodes(lm, tok, task, cfg, ro, old_logp, adv, val_examples, timing)
+    scores = scoring.score_episodes(lm, tok, task, cfg, ro, old_logp, adv, val_examples, timing)
     params = [p for p in lm.parameters() if p.requires_grad]
-    g_val = torch.autograd.grad(T.sft_loss(lm, tok, task, val_examples), params)
+    g_val = torch.autograd.grad(policy.sft_loss(lm, tok, task, val_examples), params)
     for i in range(len(ro.texts)):
-        logp, _ = T.response_logprobs(lm, ro, temperature=cfg.temperature)
-        per_episode, _ = T.pm.policy_loss(logp, old_logp, adv, ro.mask, cfg.clip)
+        logp, _ = policy.response_logprobs(lm, ro, temperature=cfg.temperature)
+        per_episode, _ = pm.policy_loss(logp, old_logp, adv, ro.mask, cfg.clip)
         g_i = torch.autograd.grad(per_episode[i], params)
         expected = sum((a * b).sum() for a, b in zip(g_i, g_val))
         torch.testing.assert_close(scores[i], expected.float(), rtol=1e-3, atol=1e-7)
@@ -122,7 +79,7 @@ def test_score_episodes_matches_per_episode_gradients(tmp_path):
 def test_a_non_finite_score_drops_its_episode_only(tmp_path, monkeypatch):
     """One episode whose score is NaN (its loss overflowed) is dropped; the others are kept and weighted as if it
     were absent, and metrics.jsonl stays valid JSON (no NaN)."""
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.tensor([3.0, float("nan"), 1.0, 2.0, -1, 2.0]))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: torch.tensor([3.0, float("nan"), 1.0, 2.0, -1, 2.0]))
     updates = []
     real_update = T.ppo_update
     monkeypatch.setattr(T, "ppo_update", lambda L, buf, keep, weights: updates.append((keep, weights))
@@ -139,7 +96,7 @@ def test_a_non_finite_score_drops_its_episode_only(tmp_path, monkeypatch):
 
 
 def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: -torch.ones(6))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: -torch.ones(6))
     run_dir = tmp_path / "run"
     run(cfg_for(tmp_path, algo="ippo", iterations=3, stop_rule="paper"), run_dir)
     recs = records(run_dir)
@@ -155,9 +112,9 @@ def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
 def test_ippo_keep_and_normalized_weights_reach_the_update(tmp_path, monkeypatch):
     """Scores -> the filter's keep (score > tol) and weights (score / mean kept score) are what ppo_update gets, and
     its one minibatch holds exactly the kept episodes."""
-    monkeypatch.setattr(T, "score_episodes", lambda *a, **k: torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0]))
+    monkeypatch.setattr(scoring, "score_episodes", lambda *a, **k: torch.tensor([3.0, -1.0, 1.0, 0.0, -2.0, 2.0]))
     updates, rows = [], []
-    real_update, real_logprobs = T.ppo_update, T.response_logprobs
+    real_update, real_logprobs = T.ppo_update, policy.response_logprobs
     monkeypatch.setattr(T, "ppo_update", lambda L, buf, keep, weights: updates.append((keep, weights))
                         or real_update(L, buf, keep, weights))
     monkeypatch.setattr(T, "response_logprobs", lambda lm, ro, idx=None, *a, **k: rows.append(idx)
@@ -177,20 +134,20 @@ def test_ppo_update_gradient_is_the_weighted_mean_of_kept_episode_gradients(tmp_
     autograd call on episode i alone: weights that do not reach the loss, dropped episodes that do, or a value loss
     that reaches the LoRA weights (its head reads detached hidden states) fail this."""
     cfg = cfg_for(tmp_path, algo="ippo", epochs=1, minibatch=8, vf_coef=0.5, max_grad_norm=1e9, sft_steps=0)
-    L, _, _ = T.setup_learner(cfg, tmp_path / "run", False, tiny(), coin, lambda _: None, False)
+    L, _, _ = learner.setup_learner(cfg, tmp_path / "run", False, tiny(), coin, lambda _: None, False)
     with torch.no_grad():  # LoRA B starts at 0 (then dl/dA = 0): move it so every LoRA weight gets a gradient
         for p in L.lora_params:
             p.add_(torch.randn_like(p) * 0.05)
         L.value_head.weight.normal_()  # a zero head would pass no value-loss gradient down, detached or not
-    buf = T.rollout(L, 1)
-    T.compute_advantages(cfg, buf)
+    buf = learner.rollout(L, 1)
+    learner.compute_advantages(cfg, buf)
     keep = torch.tensor([True, False, True, False, False, True])
     weights = torch.tensor([1.5, 0.0, 0.5, 0.0, 0.0, 1.0])
     expected = [torch.zeros_like(p) for p in L.lora_params]
     for i in [0, 2, 5]:
         row = torch.tensor([i])
-        logp, _ = T.response_logprobs(L.lm, buf.ro, row, None, cfg.temperature)
-        loss_i, _ = T.pm.policy_loss(logp, buf.old_logp[row], buf.advantages[row], buf.mask[row], cfg.clip)
+        logp, _ = policy.response_logprobs(L.lm, buf.ro, row, None, cfg.temperature)
+        loss_i, _ = pm.policy_loss(logp, buf.old_logp[row], buf.advantages[row], buf.mask[row], cfg.clip)
         for acc, g in zip(expected, torch.autograd.grad(loss_i.sum(), L.lora_params)):
             acc += float(weights[i]) / 3 * g
     assert sum(float(g.abs().sum()) for g in expected) > 0
@@ -207,13 +164,13 @@ def test_ppo_update_gradient_is_the_weighted_mean_of_kept_episode_gradients(tmp_
 def test_rollout_mask_is_checked_once_per_iteration(tmp_path, monkeypatch):
     """The mask's values are read once per iteration (rollout), not in every minibatch's loss terms."""
     value_checks = []
-    real_check = T.pm._check_mask
+    real_check = pm._check_mask
 
     def counting(mask, like, name="mask", mask_checked=False):
         value_checks.append(not mask_checked)
         return real_check(mask, like, name, mask_checked)
 
-    monkeypatch.setattr(T.pm, "_check_mask", counting)
+    monkeypatch.setattr(pm, "_check_mask", counting)
     run(cfg_for(tmp_path, algo="ppo", iterations=2, epochs=2, minibatch=2), tmp_path / "run")
     assert sum(value_checks) == 2 and len(value_checks) > 20  # 2 iterations x 3 minibatches x 2 epochs x 4 terms
 
@@ -222,13 +179,13 @@ def test_mask_checked_skips_only_the_value_checks():
     good, bad = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])  # bad: left-padded
     x = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="right-padded"):
-        T.pm.check_mask(bad)
+        pm.check_mask(bad)
     with pytest.raises(ValueError, match="right-padded"):
-        T.pm.policy_loss(x, x, x, bad)
-    T.pm.check_mask(good, x)
-    T.pm.policy_loss(x, x, x, bad, mask_checked=True)  # the caller vouches for it
+        pm.policy_loss(x, x, x, bad)
+    pm.check_mask(good, x)
+    pm.policy_loss(x, x, x, bad, mask_checked=True)  # the caller vouches for it
     with pytest.raises(ValueError, match="shape"):  # shapes are always checked
-        T.pm.policy_loss(x, x, x, good[:, :2], mask_checked=True)
+        pm.policy_loss(x, x, x, good[:, :2], mask_checked=True)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -237,7 +194,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
     run(cfg_for(tmp_path, **cfg), straight)
 
     calls = {"rollouts": 0}
-    real_sample = T.sample
+    real_sample = policy.sample
 
     def dies_in_iteration_3(lm, tok, task, examples, k, *args):
         if k == 3:  # a rollout (eval uses k=2)
@@ -246,14 +203,14 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, monkeypatch):
                 raise KeyboardInterrupt("killed")
         return real_sample(lm, tok, task, examples, k, *args)
 
-    monkeypatch.setattr(T, "sample", dies_in_iteration_3)
+    monkeypatch.setattr(learner, "sample", dies_in_iteration_3)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(tmp_path, **cfg), killed)
     assert json.loads((killed / "latest.json").read_text())["iteration"] == 2
     with (killed / "metrics.jsonl").open("a") as f:  # a line written after the last checkpoint is dropped
         f.write(json.dumps({"iteration": 3, "bogus": True}) + "\n")
-    monkeypatch.setattr(T, "sample", real_sample)
+    monkeypatch.setattr(learner, "sample", real_sample)
     run(cfg_for(tmp_path, **cfg), killed, resume=True)
 
     a, b = lora_state(straight), lora_state(killed)
@@ -281,29 +238,6 @@ def test_sft_warm_start_is_cached(tmp_path):
     assert sum("reusing" in line for line in logs) == 1  # another SFT config: trained again
     run(cfg_for(tmp_path, algo="ppo", eval_base=False), tmp_path / "d", log=logs.append)
     assert records(tmp_path / "d")[0]["eval_base_model"] is None and sum("reusing" in line for line in logs) == 2
-
-
-def kill_sft_warm_start(tmp_path, monkeypatch, steps: int, dies_at: int):
-    """An uninterrupted warm start of ``steps`` steps (cache ``whole``), then one killed (KeyboardInterrupt) at
-    its step ``dies_at`` (cache ``killed``); returns the killed run's config, to be run again."""
-    from ippo.train import sft
-
-    cfg = dict(sft_steps=steps, iterations=0, eval_size=1, eval_k=1)
-    run(cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "whole")), tmp_path / "a")
-    real_loss, calls = sft.sft_loss, []
-
-    def dies(*args):
-        calls.append(1)
-        if len(calls) == dies_at:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(sft, "sft_loss", dies)
-    killed = cfg_for(tmp_path, **cfg, cache_dir=str(tmp_path / "killed"))
-    with pytest.raises(KeyboardInterrupt):
-        run(killed, tmp_path / "b")
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
-    return killed
 
 
 def test_killed_sft_warm_start_resumes_with_nothing_lost(tmp_path, monkeypatch):
@@ -437,7 +371,7 @@ def test_bad_config_values():
                      ({"lr": 0}, "--lr"), ({"tol": -1}, "--tol"), ({"gamma": 2}, "--gamma"), ({"lam": -0.5}, "--lam"),
                      ({"iterations": 2.5}, "--iterations"), ({"whiten": 1}, "--whiten"), ({"lr": "1e-4"}, "--lr")]:
         with pytest.raises(ValueError, match=name):
-            T.Config(**kw).validate()
+            config.Config(**kw).validate()
 
 
 # ------------------------------------------------------------------------------------------- CLI and report
@@ -490,9 +424,9 @@ def test_ippo_keeping_everything_with_weight_1_is_ppo_bit_for_bit(tmp_path, monk
     """The scoring pass changes nothing the update sees: with a filter that keeps every episode with weight 1,
     an I-PPO iteration ends with exactly PPO's LoRA weights, value head and update statistics."""
     def keep_all(scores, tol, signal=None):
-        return T.pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
+        return pm.FilterResult(torch.ones_like(scores, dtype=torch.bool), torch.ones_like(scores), False)
 
-    monkeypatch.setattr(T.pm, "ippo_filter", keep_all)
+    monkeypatch.setattr(pm, "ippo_filter", keep_all)
     kw = dict(iterations=1, eval_every=10, eval_size=1, eval_k=1, samples_per_prompt=4, minibatch=3, whiten=whiten)
     run(cfg_for(tmp_path, algo="ppo", **kw), tmp_path / "ppo")
     run(cfg_for(tmp_path, algo="ippo", **kw), tmp_path / "ippo")
