@@ -29,6 +29,18 @@ def cfg_for(tmp_path, **kw) -> config.Config:
     return helpers.cfg_for(tmp_path, **(dict(iterations=2, eval_size=2, eval_every=2, sketch_dim=K) | kw))
 
 
+def die_saving_iteration_2(monkeypatch):
+    """Every run from now on is killed (KeyboardInterrupt) after iteration 2's files, before its checkpoint."""
+    real_save = learner.Learner.save
+
+    def dies_saving_2(self, run_dir, iteration, extra):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        return real_save(self, run_dir, iteration, extra)
+
+    monkeypatch.setattr(learner.Learner, "save", dies_saving_2)
+
+
 def alternating(completions, examples):
     """A reward that varies inside every prompt group (a random tiny model is never right): 0, 1, 0, 1, ..."""
     return [float(i % 2) for i in range(len(completions))]
@@ -178,18 +190,11 @@ def test_resume_after_a_kill_rewrites_exactly_the_uninterrupted_files(tmp_path, 
     uninterrupted run (the same tensors, metadata and texts), and names what it removed."""
     cfg = cfg_for(tmp_path, iterations=3)
     run(cfg, tmp_path / "straight")
-    real_save = learner.Learner.save
-
-    def dies_saving_2(self, run_dir, iteration, extra):
-        if iteration == 2:
-            raise KeyboardInterrupt
-        return real_save(self, run_dir, iteration, extra)
-
-    monkeypatch.setattr(learner.Learner, "save", dies_saving_2)
-    killed = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, killed)
-    monkeypatch.setattr(learner.Learner, "save", real_save)
+    with monkeypatch.context() as patch:
+        die_saving_iteration_2(patch)
+        killed = tmp_path / "killed"
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, killed)
     assert "iter-000002.safetensors" in files(killed)
     (killed / "sketches" / ".iter-000003.adapter.safetensors.abcd1234").write_bytes(b"partial")
     (killed / "sketches" / "iter-000003.safetensors").write_bytes(b"not safetensors")
@@ -306,14 +311,7 @@ def set_metadata(path, **changes):
 def test_attribute_refuses_an_iteration_after_the_latest_checkpoint(tmp_path, monkeypatch):
     """Killed after iteration 2's sketches were written but before its checkpoint: latest.json says 1, so iteration
     2's files are not the run's (a resume writes them again) and attribute refuses them, naming the file."""
-    real_save = learner.Learner.save
-
-    def dies_saving_2(self, run_dir, iteration, extra):
-        if iteration == 2:
-            raise KeyboardInterrupt
-        return real_save(self, run_dir, iteration, extra)
-
-    monkeypatch.setattr(learner.Learner, "save", dies_saving_2)
+    die_saving_iteration_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(tmp_path), tmp_path / "killed")
     assert "iter-000002.safetensors" in files(tmp_path / "killed")
