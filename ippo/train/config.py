@@ -23,6 +23,7 @@ from ippo.train.tasks import Task, make_task
 ALGOS = ("sft", "ppo", "grpo", "ippo")
 STOP_RULES = ("evidence", "paper")
 KEEP_BY = ("score", "random")
+SCORES = ("raw", "answer", "adam", "centred", "deflated")  # scoring.py defines each
 SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
 MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
 SEED_LIMIT = 2**63  # seeds in [0, 2**63): torch.manual_seed takes < 2**64 (and the eval adds 10000)
@@ -109,6 +110,16 @@ class Config:
                        "episodes as the scores would, drawn at random (seeded by --seed and the iteration) among the "
                        "episodes the filter may keep (with reward signal, under --stop-rule evidence), each with "
                        "weight 1; scores, stop rule and cost unchanged")
+    score: str = opt("raw", "ippo: the influence score (scoring.py): raw = <g_i, V> (the paper); answer = V from the "
+                     "final answers' tokens only (after ####); adam = <g_i, P V>, P = 1/(sqrt(v_hat) + eps) of the "
+                     "AdamW state that takes the next step (1 before the first step: raw); centred = a_i (sim_i - "
+                     "mean of sim over the episode's prompt group), sim_i = <gradient of episode i's loss at "
+                     "advantage 1, V>, a_i its mean advantage (exact for episode-constant advantages, e.g. grpo's); "
+                     "deflated = raw minus the part along the buffer's top --deflate-top gradient directions (from "
+                     "--deflate-dim-wide sketches of the same backward)")
+    deflate_top: int = opt(1, "ippo --score deflated: top directions of the buffer's episode gradients removed (1-3)")
+    deflate_dim: int = opt(4096, "ippo --score deflated: sketch width for the directions (--sketch-dim when that is "
+                           "set: the same sketches); a multiple of 2 x --lora-r")
     stop_patience: int = opt(2, "ippo --stop-rule evidence: consecutive iterations with reward signal and no kept "
                              "episode before the stop")
     reward_noise: float = opt(0.0, "probe: flip the binary reward of round(p * episodes) episodes per iteration "
@@ -175,6 +186,12 @@ class Config:
             raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
         if self.keep_by not in KEEP_BY:
             raise ValueError(f"--keep-by must be one of {KEEP_BY}, got {self.keep_by!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"--score must be one of {SCORES}, got {self.score!r}")
+        if (self.deflate_top < 1 or self.deflate_dim < 1 or self.deflate_dim % (2 * self.lora_r)
+                or self.deflate_dim > MAX_SKETCH_DIM):
+            raise ValueError(f"--deflate-top must be >= 1 and --deflate-dim a positive multiple of 2 x --lora-r = "
+                             f"{2 * self.lora_r}, at most 2**24; got {self.deflate_top} and {self.deflate_dim}")
         if self.stop_rule not in STOP_RULES:
             raise ValueError(f"--stop-rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
         if self.algo == "ippo" and self.stop_rule == "evidence" and self.samples_per_prompt < 2:

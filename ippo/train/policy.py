@@ -40,12 +40,21 @@ class Rollout:
                        self.examples, self.group.to(device))
 
 
-def pack_answers(tokenizer, task: Task, examples: list[Example]) -> Rollout:
+ANSWER_MARK = "####"
+
+
+def pack_answers(tokenizer, task: Task, examples: list[Example], final_answer_only: bool = False) -> Rollout:
     """``prompt + gold answer + eos`` of each example as a :class:`Rollout` whose responses are the gold answers:
     prompts left-padded to one column, answers right-padded, so ``response_logprobs`` reads their log-probs with
-    logits for the answer positions only. Tokenized once: micro-batches are row subsets (``trim_rows``)."""
+    logits for the answer positions only. Tokenized once: micro-batches are row subsets (``trim_rows``).
+
+    ``final_answer_only``: the mask covers only the tokens that overlap the final answer, the text after the last
+    ``####`` without surrounding whitespace (e.g. "-8" of "... #### -8"), not the solution's steps nor eos; a gold
+    answer without the mark keeps its whole mask."""
     prompts = [tokenizer(task.prompt(ex, tokenizer), add_special_tokens=False).input_ids for ex in examples]
-    answers = [tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for ex in examples]
+    encoded = [tokenizer(ex.answer, add_special_tokens=False, return_offsets_mapping=final_answer_only)
+               for ex in examples]
+    answers = [enc.input_ids + [tokenizer.eos_token_id] for enc in encoded]
     prompt_len, width = max(map(len, prompts)), max(map(len, answers))
     ids = torch.full((len(examples), prompt_len + width), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -53,6 +62,16 @@ def pack_answers(tokenizer, task: Task, examples: list[Example]) -> Rollout:
         ids[b, prompt_len - len(prompt):prompt_len + len(answer)] = torch.tensor(prompt + answer)
         attn[b, prompt_len - len(prompt):prompt_len + len(answer)] = 1
     mask = attn[:, prompt_len:].float()
+    if final_answer_only:
+        for b, (ex, enc) in enumerate(zip(examples, encoded)):
+            mark = ex.answer.rfind(ANSWER_MARK)
+            if mark >= 0:
+                tail = ex.answer[mark + len(ANSWER_MARK):]
+                start = len(ex.answer) - len(tail) + (len(tail) - len(tail.lstrip()))
+                stop = start + len(tail.strip())
+                mask[b] = 0
+                spans = enc.offset_mapping
+                mask[b, :len(spans)] = torch.tensor([float(end > start and first < stop) for first, end in spans])
     return Rollout(ids, attn, mask, prompt_len, [ex.answer for ex in examples], list(examples),
                    torch.arange(len(examples)))
 
@@ -61,7 +80,8 @@ def trim_rows(ro: Rollout, rows: Tensor) -> Rollout:
     """The episodes ``rows`` of ``ro`` without the columns that are padding in all of them (narrower forwards)."""
     ids, attn, mask = ro.ids[rows], ro.attn[rows], ro.mask[rows]
     first = int(attn[:, :ro.prompt_len].sum(1).max())  # the longest prompt of these rows
-    width = max(int(mask.sum(1).max()), 1)
+    used = torch.nonzero(mask.any(0))  # the last response column any of these rows uses (masks may have gaps)
+    width = int(used[-1]) + 1 if len(used) else 1
     cols = slice(ro.prompt_len - first, ro.prompt_len + width)
     return Rollout(ids[:, cols], attn[:, cols], mask[:, :width], first, [ro.texts[i] for i in rows.tolist()],
                    [ro.examples[i] for i in rows.tolist()], ro.group[rows])
@@ -107,8 +127,9 @@ def sft_loss(lm: nn.Module, tokenizer, task: Task, examples: list[Example]) -> T
 
 
 def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Example],
-                        batch: int) -> dict[str, LoRAGrad]:
-    """d sft_loss(examples) / d (LoRA A, B) of every LoRA layer, accumulated over micro-batches of ``batch`` pairs.
+                        batch: int, final_answer_only: bool = False) -> dict[str, LoRAGrad]:
+    """d sft_loss(examples) / d (LoRA A, B) of every LoRA layer, accumulated over micro-batches of ``batch`` pairs;
+    ``final_answer_only``: the loss of the final answers' tokens only (``pack_answers``).
 
     Each micro-batch adds the gradient of its summed token losses divided by the answer-token count of all
     ``examples``, so the result is the one-batch gradient up to rounding while the memory is that of ``batch``
@@ -119,7 +140,7 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
     layers = lora_weights(lm)
     params = [w for pair in layers.values() for w in pair]
     device = params[0].device
-    gold = pack_answers(tokenizer, task, examples).to(device)
+    gold = pack_answers(tokenizer, task, examples, final_answer_only).to(device)
     total = gold.mask.sum()
     order = torch.argsort(gold.mask.sum(1) + gold.attn[:, :gold.prompt_len].sum(1), stable=True).to(device)
     grads = [torch.zeros_like(p) for p in params]

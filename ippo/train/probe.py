@@ -200,7 +200,7 @@ def write(cfg: Config, out_dir: Path, results: list[dict], big_val_size: int | N
 
 def _score(L: Learner, buf: Buffer, val, timing: Counter, sketches: bool = False):
     return scoring.score_episodes(L.lm, L.tokenizer, L.task, L.cfg, buf.ro, buf.old_logp, buf.advantages, val, timing,
-                            sketches=sketches)
+                                  sketches=sketches, opt=L.opt)
 
 
 def summarize(results: list[dict]) -> dict:

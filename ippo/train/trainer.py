@@ -104,7 +104,7 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
     if cfg.algo == "ippo":  # ---------------------------------------- ippo: influence filter and reweighting
         if not in_rollout:
             scored = scoring.score_episodes(L.lm, L.tokenizer, L.task, cfg, buf.ro, buf.old_logp, buf.advantages,
-                                    val_examples, timing, sketches=store)
+                                            val_examples, timing, sketches=store, opt=L.opt)
         scores, sketches = scored if store else (scored, None)
         keep, weights, stop = scoring.filter_episodes(L, buf, scores, record)
         finite = scores.isfinite()  # a non-finite score (its loss overflowed) is dropped by the filter
