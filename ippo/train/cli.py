@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=20, help="rollout draws (default: 20)")
     p.add_argument("--big-val-size", type=int, default=64, help="validation pairs of the larger draw that the scores "
                    "are compared with (default: 64)")
+    p.add_argument("--variants", default="", help="other --score values scored on the same draws, e.g. "
+                   "answer,centred,deflated: each gets flip AUCs (also within reward 0 and 1) and its seconds")
+    p.add_argument("--resume", action="store_true", help="continue the probe.json in --out from its next draw (same "
+                   "options)")
     p.add_argument("--no-stability", action="store_true", help="skip the stability scores (two more validation "
                    "gradients and scoring passes per draw)")
     _add_config_options(p)
@@ -188,8 +192,9 @@ def _run(args) -> int:
 
         cfg = _config(args)
         out = Path(args.out or f"runs/probe-seed{cfg.seed}")
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         result = probe.probe(cfg, out, args.draws, args.big_val_size, stability=not args.no_stability,
-                             progress=progress)
+                             progress=progress, variants=variants, resume=args.resume)
         print(json.dumps(result["summary"], indent=1))
         print(f"probe: {out / 'probe.json'}, {out / 'probe.png'}")
     elif args.command == "attribute":

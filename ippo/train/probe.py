@@ -34,7 +34,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ from torch import Tensor
 
 from ippo.train import ppo_math as pm
 from ippo.train import scoring, stats
-from ippo.train.checkpoint import atomic_write, check_paths
-from ippo.train.config import Config
+from ippo.train.checkpoint import atomic_write, changed_options, check_paths, read_json
+from ippo.train.config import SCORES, Config
 from ippo.train.learner import Buffer, Learner, RewardFn, compute_advantages, rollout, setup_learner
 from ippo.train.policy import Rollout
 from ippo.train.tasks import Example, Task
@@ -62,9 +62,11 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     metric is left out where a class is empty).
 
     --reward-noise: flipped (count), flip_auc_score / _advantage / _random (the random one from ``seed``: 0.5
-    expected), flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a
-    random filter with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final
-    answer is right (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
+    expected), each also within a reward level (``_r0``: among episodes whose possibly flipped reward is 0, flipped
+    right answers vs truly wrong ones; ``_r1``: flipped wrong answers vs truly right ones; see :func:`flip_aucs`),
+    flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a random filter
+    with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final answer is right
+    (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
     unfaithful_auc_score / _advantage.
     """
     advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
@@ -72,10 +74,10 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     if buf.flipped is not None:
         noise = torch.rand(len(keep), generator=torch.Generator().manual_seed(
             random.Random(f"probe-random:{seed}").getrandbits(63)))
-        out.update(flipped=int(buf.flipped.sum()), flip_auc_advantage=stats.low_auc(advantage, buf.flipped),
-                   flip_auc_random=stats.low_auc(noise, buf.flipped))
+        out.update(flipped=int(buf.flipped.sum()), **flip_aucs("advantage", advantage, buf),
+                   **flip_aucs("random", noise, buf))
         if scores is not None and buf.flipped.any():
-            out.update(flip_auc_score=stats.low_auc(scores, buf.flipped),
+            out.update(**flip_aucs("score", scores, buf),
                        flip_recall=float((~keep[buf.flipped]).float().mean()),
                        flip_recall_random=1 - float(keep.float().mean()))
     correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
@@ -85,6 +87,19 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     if scores is not None:
         out["unfaithful_auc_score"] = stats.low_auc(scores[correct], unfaithful)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def flip_aucs(name: str, values: Tensor, buf: Buffer) -> dict:
+    """flip_auc_<name>: how well low ``values`` find the flipped episodes (stats.low_auc), over the buffer and within
+    each reward level: _r0 among the episodes whose (possibly flipped) reward is 0, _r1 among those at 1. Within a
+    level the advantage cannot tell a flipped episode from its neighbours by its reward, so a score that beats it
+    there knows something of the content. None where a class is empty."""
+    flipped, values = buf.flipped.cpu(), values.cpu()
+    out = {f"flip_auc_{name}": stats.low_auc(values, flipped)}
+    for level in (0, 1):
+        at = (buf.rewards == level).cpu()
+        out[f"flip_auc_{name}_r{level}"] = stats.low_auc(values[at], flipped[at])
+    return out
 
 
 def distinct_per_group(ro: Rollout) -> float:
@@ -110,12 +125,22 @@ def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple
 
 
 def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stability: bool = True, log=print,
-          model_and_tokenizer=None, reward_fn: RewardFn | None = None, progress: bool = False) -> dict:
+          model_and_tokenizer=None, reward_fn: RewardFn | None = None, progress: bool = False,
+          variants: tuple[str, ...] = (), resume: bool = False) -> dict:
     """Run ``draws`` draws of ``cfg`` at its SFT warm start; write ``probe.json`` and ``probe.png`` into
-    ``out_dir`` and return the JSON's content (config, draws, summary)."""
+    ``out_dir`` and return the JSON's content (config, draws, summary).
+
+    ``variants``: other ``--score`` values scored on the same buffer and validation draw as ``cfg.score``, each
+    with flip_auc_<variant>(_r0, _r1) and seconds_<variant> (its validation gradient and scoring pass). Draw d is
+    seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options from its next draw and
+    ends as an uninterrupted probe would."""
     cfg.validate()
     if draws < 1:
         raise ValueError(f"--draws must be >= 1, got {draws}")
+    bad = [v for v in variants if v not in SCORES] + [v for v in set(variants) if variants.count(v) > 1]
+    if bad or cfg.score in variants:
+        raise ValueError(f"--variants must name distinct scores of {SCORES} other than --score {cfg.score!r}; got "
+                         f"{','.join(variants)!r}")
     if stability and big_val_size < 1:
         raise ValueError(f"--big-val-size must be >= 1, got {big_val_size}")
     if cfg.algo != "ippo":
@@ -124,14 +149,28 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     check_paths(cfg, out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    results, options = [], {"config": asdict(cfg), "big_val_size": big_val_size if stability else None,
+                            "variants": list(variants)}
+    if (out_dir / "probe.json").is_file():
+        if not resume:
+            raise FileExistsError(f"{out_dir / 'probe.json'} exists; pass --resume to continue it or pick another "
+                                  f"--out")
+        saved = read_json(out_dir / "probe.json", required=("config", "draws"))
+        changed = changed_options(cfg, saved["config"])
+        if changed or any(saved.get(k) != v for k, v in options.items() if k != "config"):
+            raise ValueError(f"--resume: {out_dir / 'probe.json'} was written with other options: "
+                             f"{list(changed) or [k for k in options if k != 'config' and saved.get(k) != options[k]]}")
+        results = saved["draws"]
     L, _, _ = setup_learner(cfg, out_dir, True, model_and_tokenizer, reward_fn, log, progress)
     val_split = L.task.split("validation")
     if stability and 2 * cfg.val_size > len(val_split):
         raise ValueError(f"--val-size {cfg.val_size}: two disjoint draws need {2 * cfg.val_size} validation "
                          f"problems, the task has {len(val_split)}")
-    results = []
-    for d in range(1, draws + 1):
+    report = None
+    for d in range(len(results) + 1, draws + 1):
         t0, timing = time.perf_counter(), Counter()
+        L.rng = random.Random(f"probe:{cfg.seed}:{d}")  # draw d depends on (seed, d) only: --resume is exact
+        torch.manual_seed(random.Random(f"probe-torch:{cfg.seed}:{d}").getrandbits(63))
         buf = rollout(L, d, timing)
         val = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
         compute_advantages(cfg, buf)
@@ -168,6 +207,14 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                 row.update(flip_auc_disjoint=stats.low_auc(other, buf.flipped),
                            flip_auc_big=stats.low_auc(big, buf.flipped),
                            flip_auc_length=stats.low_auc(length, buf.flipped))
+        for variant in variants:  # the same buffer and validation draw, another --score
+            t1 = time.perf_counter()
+            other = scoring.score_episodes(L.lm, L.tokenizer, L.task, replace(cfg, score=variant), buf.ro,
+                                           buf.old_logp, buf.advantages, val, timing, opt=L.opt)
+            row[f"seconds_{variant}"] = time.perf_counter() - t1
+            per_episode[f"score_{variant}"] = other
+            if buf.flipped is not None:
+                row.update(flip_aucs(variant, other, buf))
         if cfg.sketch_dim:  # cosine: the score over the episode gradient's norm, estimated by its sketch's norm
             cosine = scores / sketches.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             energy = torch.linalg.svdvals(sketches.double()).square()
@@ -180,21 +227,22 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                               for k, v in per_episode.items()}
         row["seconds"] = time.perf_counter() - t0
         results.append(row)
-        report = write(cfg, out_dir, results, big_val_size if stability else None)
+        report = write(options, out_dir, results)
         log(f"draw {d}/{draws} ({row['seconds']:.0f}s): " + ", ".join(
             f"{k} {row[k]:.2f}" for k in ("reward", "flip_auc_score", "flip_auc_advantage", "unfaithful_auc_score",
                                           "spearman_disjoint", "spearman_big") if k in row)
             + f", all_equal {row['all_equal']}, paper_stop {row['paper_stop']}")
-    return report
+    return report or write(options, out_dir, results)
 
 
-def write(cfg: Config, out_dir: Path, results: list[dict], big_val_size: int | None) -> dict:
+def write(options: dict, out_dir: Path, results: list[dict]) -> dict:
     """``probe.json`` and ``probe.png`` of the draws so far (after every draw: a killed probe keeps them)."""
-    report = {"config": asdict(cfg), "big_val_size": big_val_size, "summary": summarize(results), "draws": results}
+    report = options | {"summary": summarize(results), "draws": results}
+    cfg = options["config"]
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"  # strict JSON: a NaN here is a bug, not a value
     atomic_write(out_dir / "probe.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     plot(results, out_dir / "probe.png", title=f"ippo probe: {len(results)} draws of {results[0]['episodes']} "
-         f"episodes, reward noise {cfg.reward_noise}, val size {cfg.val_size}")
+         f"episodes, reward noise {cfg['reward_noise']}, val size {cfg['val_size']}")
     return report
 
 
@@ -204,14 +252,20 @@ def _score(L: Learner, buf: Buffer, val, timing: Counter, sketches: bool = False
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per metric over the draws that have it: n, mean, median, min, max; the stop counts: draws with all rewards
-    equal / not, and how many of each the paper's rule stopped, and how many evidence_empty."""
+    """Per metric over the draws that have it: n, mean, median, interquartile range (q1, q3), min, max, and for
+    an AUC the draws below 0.5 (inverted); the stop counts: draws with all rewards equal / not, and how many of each
+    the paper's rule stopped, and how many evidence_empty."""
     summary = {}
-    for key in AUCS + CORRELATIONS + ("flip_recall", "flip_recall_random", "kept_fraction", "signal_fraction"):
+    dynamic = sorted({k for r in results for k in r if k.startswith(("flip_auc_", "seconds_")) and k not in AUCS})
+    for key in AUCS + CORRELATIONS + tuple(dynamic) + ("flip_recall", "flip_recall_random", "kept_fraction",
+                                                        "signal_fraction", "seconds"):
         values = [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]
         if values:
+            q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
             summary[key] = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
-                            "min": min(values), "max": max(values)}
+                            "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+            if "auc" in key:
+                summary[key]["inverted"] = sum(v < 0.5 for v in values)
     for equal in (True, False):
         rows = [r for r in results if r["all_equal"] == equal]
         summary["all_equal" if equal else "mixed"] = {"draws": len(rows),

@@ -1,5 +1,6 @@
 """The evidence stop rule, reward noise, the probe metrics (AUCs) and ``ippo probe``, on the tiny model."""
 
+import dataclasses
 import itertools
 import json
 
@@ -301,3 +302,43 @@ def test_probe_json_is_valid_json_when_a_metric_is_undefined(tmp_path):
     assert "top_direction_share" not in saved["summary"] and saved["summary"]["all_equal"]["draws"] == 2
     assert "spearman_cosine" not in saved["summary"]  # the scores are constant: no rank correlation
 
+
+
+def test_flip_aucs_within_each_reward_level():
+    """Within reward 0, flipped right answers vs truly wrong ones; within reward 1, flipped wrong ones vs truly right
+    ones: a value that orders both levels perfectly gets 1 in each, whatever it does across levels."""
+    from types import SimpleNamespace
+
+    rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    flipped = torch.tensor([True, False, False, True, False, False])
+    values = torch.tensor([5.0, 6.0, 7.0, -3.0, -2.0, -1.0])  # the lowest of each level is its flipped one
+    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=rewards, flipped=flipped))
+    assert out["flip_auc_x_r0"] == 1.0 and out["flip_auc_x_r1"] == 1.0
+    assert out["flip_auc_x"] == pytest.approx(stats.low_auc(values, flipped)) and out["flip_auc_x"] < 1
+    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=torch.zeros(6), flipped=flipped))
+    assert out["flip_auc_x_r1"] is None  # no episode at reward 1
+
+
+def test_probe_variants_and_exact_resume(tmp_path):
+    """--variants score other --score values on the same draws (stratified AUCs and seconds each); a probe cut
+    after 2 draws and resumed ends with the draws of an uninterrupted probe of 3."""
+    cfg = cfg_for(tmp_path, algo="ippo", reward_noise=0.5, deflate_dim=8)
+    kw = dict(model_and_tokenizer=tiny(), log=lambda _: None, variants=("centred", "deflated"), stability=False)
+    whole = probe.probe(cfg, tmp_path / "whole", 3, 4, **kw)
+    for row in whole["draws"]:
+        assert {"flip_auc_centred", "flip_auc_deflated", "seconds_centred", "seconds_deflated"} <= set(row)
+        assert len(row["per_episode"]["score_centred"]) == row["episodes"]
+    assert whole["summary"]["flip_auc_centred"]["n"] == 3 and "inverted" in whole["summary"]["flip_auc_centred"]
+    probe.probe(cfg, tmp_path / "cut", 2, 4, **kw)
+    with pytest.raises(FileExistsError, match="--resume"):
+        probe.probe(cfg, tmp_path / "cut", 3, 4, **kw)
+    with pytest.raises(ValueError, match="other options"):
+        probe.probe(dataclasses.replace(cfg, lr=1.0), tmp_path / "cut", 3, 4, resume=True, **kw)
+    resumed = probe.probe(cfg, tmp_path / "cut", 3, 4, resume=True, **kw)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+    assert strip(resumed["draws"]) == strip(whole["draws"])
+    with pytest.raises(ValueError, match="--variants must name distinct scores"):
+        probe.probe(cfg, tmp_path / "bad", 1, 4, variants=("raw",), **{k: v for k, v in kw.items() if k != "variants"})
