@@ -205,6 +205,12 @@ def score(cfg, lm, tk, ro, old_logp, adv, val_examples, **kw):
                                   {"val_grad": 0.0, "scoring": 0.0}, **kw)
 
 
+def variant_setup(tmp_path, kind, **kw):
+    """``scoring_setup`` with ``kind`` advantages and five validation pairs."""
+    cfg, lm, tk, ro, old_logp, values = scoring_setup(tmp_path, **kw)
+    return cfg, lm, tk, ro, old_logp, advantages_of(kind, cfg, ro, old_logp, values), tk.split("validation")[:5]
+
+
 def close(got, expected):
     assert got.dtype == torch.float64 and (expected != 0).all()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
@@ -228,18 +234,14 @@ def test_final_answer_mask_and_loss():
 
 @pytest.mark.parametrize("kind", ["whitened", "grpo"])
 def test_score_answer_equals_the_final_answer_reference(tmp_path, kind):
-    cfg, lm, tk, ro, old_logp, values = scoring_setup(tmp_path, score="answer")
-    adv = advantages_of(kind, cfg, ro, old_logp, values)
-    val_examples = tk.split("validation")[:5]
+    cfg, lm, tk, ro, old_logp, adv, val_examples = variant_setup(tmp_path, kind, score="answer")
     g_val = torch.autograd.grad(reference_answer_loss(lm, tk, val_examples), lora_params(lm))
     expected = torch.stack([dot(g, g_val) for g in episode_gradients(lm, cfg, ro, old_logp, adv)])
     close(score(cfg, lm, tk, ro, old_logp, adv, val_examples), expected)
 
 
 def test_score_adam_preconditions_by_the_optimizers_second_moment(tmp_path):
-    cfg, lm, tk, ro, old_logp, values = scoring_setup(tmp_path, score="adam")
-    adv = advantages_of("whitened", cfg, ro, old_logp, values)
-    val_examples = tk.split("validation")[:5]
+    cfg, lm, tk, ro, old_logp, adv, val_examples = variant_setup(tmp_path, "whitened", score="adam")
     params = lora_params(lm)
     opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)  # lr 0: weights stay
     g_val = torch.autograd.grad(reference_sft_loss(lm, tk, val_examples), params)
@@ -265,9 +267,7 @@ def test_score_adam_preconditions_by_the_optimizers_second_moment(tmp_path):
 
 @pytest.mark.parametrize("kind", ["whitened", "grpo"])
 def test_score_centred_removes_the_groups_mean_similarity(tmp_path, kind):
-    cfg, lm, tk, ro, old_logp, values = scoring_setup(tmp_path, score="centred")
-    adv = advantages_of(kind, cfg, ro, old_logp, values)
-    val_examples = tk.split("validation")[:5]
+    cfg, lm, tk, ro, old_logp, adv, val_examples = variant_setup(tmp_path, kind, score="centred")
     g_val = torch.autograd.grad(reference_sft_loss(lm, tk, val_examples), lora_params(lm))
     sim = torch.stack([dot(g, g_val) for g in episode_gradients(lm, cfg, ro, old_logp, ro.mask.double())])
     a = (adv * ro.mask).sum(1) / ro.mask.sum(1)
@@ -284,9 +284,8 @@ def test_score_deflated_removes_the_top_sketch_directions(tmp_path):
     from ippo.kernels import lora_weights, sketch_gradients
 
     k = 48
-    cfg, lm, tk, ro, old_logp, values = scoring_setup(tmp_path, score="deflated", deflate_dim=k, deflate_top=2)
-    adv = advantages_of("whitened", cfg, ro, old_logp, values)
-    val_examples = tk.split("validation")[:5]
+    cfg, lm, tk, ro, old_logp, adv, val_examples = variant_setup(tmp_path, "whitened", score="deflated",
+                                                                 deflate_dim=k, deflate_top=2)
     g_val = torch.autograd.grad(reference_sft_loss(lm, tk, val_examples), lora_params(lm))
     names = list(lora_weights(lm))
 
