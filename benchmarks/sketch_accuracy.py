@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ippo.kernels import InfluenceScorer, sketch_gradients
+    from ippo.kernels import InfluenceScorer, segment_ids_from_mask, sketch_gradients
     from ippo.testing import init_lora_B
     from ippo.train.config import Config, build_task
     from ippo.train.model import add_lora, default_model_dir, load_causal_lm
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     if not advantages.all():
         advantages = torch.where(advantages == 0, 1.0, advantages)
     val_grads = validation_gradient(lm, tokenizer, task, task.split("validation")[:cfg.val_size], batch=cfg.val_size)
-    segment_ids = torch.where(rollout.attn.bool(), torch.arange(args.episodes)[:, None], -1)
+    segment_ids = segment_ids_from_mask(rollout.attn)
     setup_s = time.perf_counter() - start
 
     ks = [int(k) for k in args.ks.split(",")]

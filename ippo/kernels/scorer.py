@@ -324,10 +324,10 @@ class InfluenceScorer:
         self.sketch_layers = tuple(layers)  # projection index i = position here (sketch_layer_index)
         self.sites: dict[str, tuple[LoraLinear, str, _Site]] = {}
         weights_seen = []
-        for index, (name, layer) in enumerate(layers.items()):
+        for index, ((name, layer), pair) in enumerate(zip(layers.items(), lora_weights(model).values())):
             adapter = adapters[name]
-            weights = {"A": layer.lora_A[adapter].weight, "B": layer.lora_B[adapter].weight}
-            weights_seen += weights.values()
+            weights = dict(zip("AB", pair))
+            weights_seen += pair
             val = None
             if val_grads is not None:
                 val = LoRAGrad(*val_grads[name])
