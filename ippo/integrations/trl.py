@@ -4,8 +4,10 @@ a completion only if a step on it lowers a validation loss.
 Both take TRL's own arguments and config unchanged, plus ``validation_dataset`` (rows with ``prompt`` and
 ``completion``: gold answers whose SFT loss is the validation loss), ``ippo_val_size`` (pairs drawn per generation
 batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or "paper"),
-``ippo_stop_patience`` (default 2) and ``ippo_stop_when_empty`` (default True; a bool, as every ``ippo_*`` keyword
-must have its own type: ``"False"`` is refused, not taken as True).
+``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True; a bool, as every ``ippo_*`` keyword
+must have its own type: ``"False"`` is refused, not taken as True), and ``ippo_score`` ("raw", default; "answer",
+"adam" or "deflated", the in-house trainer's ``--score``, see "Score variants" below) with ``ippo_deflate_top``
+(default 1) and ``ippo_deflate_dim`` (default 4096) for "deflated".
 
 ``validation_dataset`` is a ``datasets.Dataset`` or a list (tuple) of dicts; a dict of columns is refused (pass
 ``Dataset.from_dict(columns)``). Every row is checked and tokenized at construction, as TRL tokenizes prompts; a
@@ -51,6 +53,35 @@ micro-batches it will train on):
    (validation gradient + scoring, this process) through TRL's metrics, so they appear in the normal logs and
    report_to backends.
 
+Score variants (``ippo_score``; the in-house trainer's ``--score``, ``ippo.train.scoring``'s definitions):
+
+* ``"raw"`` (default): s_i = <dl_i/dtheta, V> as above, the paper's score.
+* ``"answer"``: V is the gradient of the validation loss of the final answers' tokens only: per validation
+  completion, the tokens that overlap the text after its last ``####`` without surrounding whitespace (found by the
+  tokenizer's character offsets, as ``ippo.train.policy.pack_answers(final_answer_only=True)`` finds them; a fast
+  tokenizer is required); L_val = their summed NLL / their count. For a list-of-messages completion the answer is
+  that of its last message with ``####``, found in the chat template's rendering. At construction, a
+  ``validation_dataset`` row whose completion has no ``####``, nothing after it, or no answer token within
+  ``max_completion_length`` is a ValueError naming the row.
+* ``"adam"``: V is preconditioned by the trainer's own optimizer (``self.optimizer``, through accelerate's wrapper):
+  P V with P = 1 / (sqrt(exp_avg_sq / (1 - beta2^step)) + eps) per LoRA weight
+  (``ippo.train.scoring.adam_preconditioned``), P = 1 before the optimizer's first step; so s_i is, to first order,
+  how much the next Adam step on row i lowers the validation loss. On N processes every process has the same
+  optimizer state (DDP), so P V stays the same on every process. Needs an Adam/AdamW optimizer that holds every
+  LoRA weight (param groups with ``betas``/``eps``, state ``exp_avg_sq``): anything else is a ValueError at the first
+  generation batch; DeepSpeed (flat partitioned state) is refused at construction.
+* ``"deflated"``: raw minus its part along the directions the generation batch's rows share:
+  s_i - sum_{c <= ippo_deflate_top} <S_i, u_c> <u_c, sketch(V)>, S_i the ``ippo_deflate_dim``-wide sketch of row i's
+  gradient from the same scoring backward (``InfluenceScorer(..., sketch_dim=ippo_deflate_dim, sketch_seed=0)``,
+  times the same 1/accumulation, 1/N as s_i), u_c the top right singular vectors of the (rows, ippo_deflate_dim)
+  matrix of every process's rows (one all-gather of scores and sketches; ``ippo.train.scoring.deflate``, process
+  0's result broadcast), sketch(V) = ``sketch_gradients(V, ippo_deflate_dim, 0)``; before the filter.
+  ``ippo_deflate_dim`` must be a multiple of 2r for every LoRA rank r (checked at construction). A row whose score
+  or sketch is not finite stays out of the SVD (and is dropped by the filter).
+* ``"centred"`` is refused at construction: it subtracts each prompt group's mean similarity, and TRL 1.16 shuffles
+  the generation batch (``shuffle_sequence_dict``) before splitting it into the micro-batches the scorer sees,
+  which carry no group ids (a group may also span processes); use the in-house trainer (``ippo --score centred``).
+
 With ``steps_per_generation`` > 1 or ``num_iterations`` > 1, the generation batch is scored once, when TRL generates
 it, and its reweighted advantages serve every micro-batch and iteration that reuses it.
 
@@ -79,8 +110,10 @@ Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
 Linear (e.g. Embedding, Conv), trainable parameters outside the LoRA A/B weights (e.g. ``modules_to_save``: the
 score would not cover them), MoE router aux loss (it couples the rows of a batch), vision-language processors, a
-negative ``ippo_tol``, an ``ippo_*`` keyword of the wrong type, a bad ``validation_dataset`` row, and a validation
-gradient that is zero (or not finite) for every LoRA parameter. Allowed but
+negative ``ippo_tol``, an ``ippo_*`` keyword of the wrong type, a bad ``validation_dataset`` row, ``ippo_score``
+"centred" (or an unknown one), an ``ippo_deflate_dim`` that "deflated" cannot take, "adam" with DeepSpeed or a
+non-Adam optimizer, "answer" with a row without a final answer, and a validation gradient that is zero (or not
+finite) for every LoRA parameter. Allowed but
 not yet tested: DeepSpeed ZeRO-1/2, vLLM generation, tools/environments, CUDA (the tests run TRL on CPU, 1 and 2
 processes).
 """
@@ -98,6 +131,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import TrainerCallback
@@ -107,9 +141,18 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 
-from ippo.kernels import InfluenceScorer, LoRAGrad, check_validation_gradient, lora_weights, segment_ids_from_mask
-from ippo.train.config import STOP_RULES
+from ippo.kernels import (
+    InfluenceScorer,
+    LoRAGrad,
+    check_validation_gradient,
+    lora_weights,
+    segment_ids_from_mask,
+    sketch_gradients,
+)
+from ippo.train.config import MAX_SKETCH_DIM, SCORES, STOP_RULES
+from ippo.train.policy import ANSWER_MARK
 from ippo.train.ppo_math import evidence_stop, ippo_filter
+from ippo.train.scoring import adam_preconditioned, deflate
 
 __all__ = ["IPPOGRPOTrainer", "IPPORLOOTrainer"]
 
@@ -121,6 +164,10 @@ _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
 # The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made.
 _SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws")
+# The in-house trainer's --score variants that TRL can take: "centred" needs each completion's prompt group, which
+# TRL's shuffled micro-batches do not carry (refused at construction, see the module docstring).
+_SCORES = tuple(score for score in SCORES if score != "centred")
+_SKETCH_SEED = 0  # ippo_score="deflated": the sketch projection's seed (the in-house default --sketch-seed)
 
 
 def _skipped_step(*args, **kwargs) -> None:
@@ -225,12 +272,29 @@ def _check_validation_row(where: str, prompt, completion) -> None:
         raise ValueError(f"{where}: the completion is empty (its messages have no text)")
 
 
+def _final_answer(where: str, text: str) -> tuple[int, int]:
+    """(start, stop): the characters of ``text``'s final answer, the text after its last ``####`` without surrounding
+    whitespace (``ippo.train.policy.pack_answers(final_answer_only=True)``'s rule). ValueError (prefixed ``where``)
+    when nothing follows the mark."""
+    tail = text[text.rfind(ANSWER_MARK) + len(ANSWER_MARK):]
+    start = len(text) - len(tail) + (len(tail) - len(tail.lstrip()))
+    if not tail.strip():
+        raise ValueError(f"{where}: nothing follows the last {ANSWER_MARK!r} of the completion (ippo_score='answer' "
+                         "takes the validation loss of the final answer's tokens)")
+    return start, start + len(tail.strip())
+
+
+def _overlapping(offsets, start: int, stop: int) -> list[int]:
+    """1 on the tokens whose character ``offsets`` overlap [start, stop), else 0."""
+    return [int(end > start and first < stop) for first, end in offsets]
+
+
 class _IPPOMixin:
     """The I-PPO filter for TRL's online trainers (GRPO, RLOO); see the module docstring."""
 
     def __init__(self, *args, validation_dataset=None, ippo_val_size: int = 64, ippo_tol: float = 0.0,
                  ippo_stop_rule: str = "evidence", ippo_stop_patience: int = 2, ippo_stop_when_empty: bool = True,
-                 **kwargs):
+                 ippo_score: str = "raw", ippo_deflate_top: int = 1, ippo_deflate_dim: int = 4096, **kwargs):
         name = type(self).__name__
         _check_validation_container(name, validation_dataset)
         integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
@@ -246,18 +310,32 @@ class _IPPOMixin:
             raise ValueError(f"{name}: ippo_stop_patience must be an int >= 1; got {ippo_stop_patience!r}")
         if not isinstance(ippo_stop_when_empty, bool):
             raise ValueError(f"{name}: ippo_stop_when_empty must be True or False; got {ippo_stop_when_empty!r}")
+        if ippo_score == "centred":
+            raise ValueError(f"{name}: ippo_score='centred' is not supported in TRL: it subtracts the mean over each "
+                             "completion's prompt group, and TRL shuffles the generation batch before splitting it "
+                             "into micro-batches and keeps no group ids; use the in-house trainer (ippo --score "
+                             f"centred), or one of {_SCORES}")
+        if not isinstance(ippo_score, str) or ippo_score not in _SCORES:
+            raise ValueError(f"{name}: ippo_score must be one of {_SCORES}; got {ippo_score!r}")
+        if not integer(ippo_deflate_top) or ippo_deflate_top < 1:
+            raise ValueError(f"{name}: ippo_deflate_top must be an int >= 1; got {ippo_deflate_top!r}")
+        if not integer(ippo_deflate_dim) or not 1 <= ippo_deflate_dim <= MAX_SKETCH_DIM:
+            raise ValueError(f"{name}: ippo_deflate_dim must be an int in [1, 2**24] (a multiple of 2r for every LoRA "
+                             f"rank r); got {ippo_deflate_dim!r}")
         super().__init__(*args, **kwargs)
         self.ippo_validation_dataset = validation_dataset
         self.ippo_val_size, self.ippo_tol = int(ippo_val_size), float(ippo_tol)
         self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, int(ippo_stop_patience)
         self.ippo_stop_when_empty = ippo_stop_when_empty
+        self.ippo_score, self.ippo_deflate_top, self.ippo_deflate_dim = ippo_score, ippo_deflate_top, ippo_deflate_dim
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop
         self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
-        self._ippo_val_cache: dict[int, tuple[list[int], list[int]]] = {}
-        self._ippo_lora_weights()  # refuses unsupported set-ups now rather than at the first generation batch
+        self._ippo_val_cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        # refuses unsupported set-ups now rather than at the first generation batch
+        self._ippo_check_score(self._ippo_lora_weights())
         for index in range(len(validation_dataset)):  # and any validation row TRL's tokenizer cannot take
-            self._ippo_val_pair(index)
+            self._ippo_val_row(index)
         self.add_callback(_IPPOStopCallback(self))
 
     # ---- checks ------------------------------------------------------------------------------------------------
@@ -303,13 +381,37 @@ class _IPPOMixin:
                              "freeze them (e.g. no modules_to_save)")
         return weights
 
+    def _ippo_check_score(self, weights: dict[str, LoRAGrad]) -> None:
+        """ValueError on what ``ippo_score`` cannot take: deflated, an ``ippo_deflate_dim`` that is not a multiple
+        of 2r for every LoRA rank r; adam, DeepSpeed (its optimizer keeps the Adam state in flat partitions, not per
+        LoRA weight); answer, a slow tokenizer (no character offsets)."""
+        name = type(self).__name__
+        if self.ippo_score == "deflated":
+            needed = sorted({2 * pair.A.shape[0] for pair in weights.values()})
+            if any(self.ippo_deflate_dim % n for n in needed):
+                raise ValueError(f"{name}: ippo_deflate_dim must be a multiple of 2r for every LoRA layer's rank r "
+                                 f"(2r in {needed}) with ippo_score='deflated'; got {self.ippo_deflate_dim}")
+        if self.ippo_score == "adam" and self.is_deepspeed_enabled:
+            raise ValueError(f"{name}: ippo_score='adam' is not supported with DeepSpeed: its optimizer keeps the Adam "
+                             "state in flat partitions, not per LoRA weight; use DDP")
+        if self.ippo_score == "answer" and not getattr(self._tokenizer, "is_fast", False):
+            raise ValueError(f"{name}: ippo_score='answer' needs a fast tokenizer (character offsets, to find the "
+                             f"final answer's tokens); got {type(self._tokenizer).__name__}")
+
     # ---- validation gradient -----------------------------------------------------------------------------------
 
     def _ippo_val_pair(self, index: int) -> tuple[list[int], list[int]]:
-        """(prompt ids, completion ids) of validation row ``index``, tokenized as TRL tokenizes prompts; a text
-        completion gets the EOS token appended, a conversational one is rendered by the chat template (and cut after
-        its last EOS). The prompt keeps its last ``max_prompt_length`` tokens if the config has one (TRL 1.16's GRPO
-        and RLOO have none, and do not truncate prompts), the completion its first ``max_completion_length``."""
+        """(prompt ids, completion ids) of validation row ``index`` (:meth:`_ippo_val_row`)."""
+        prompt_ids, completion_ids, _ = self._ippo_val_row(index)
+        return prompt_ids, completion_ids
+
+    def _ippo_val_row(self, index: int) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, completion ids, loss mask of the completion ids) of validation row ``index``, tokenized as
+        TRL tokenizes prompts; a text completion gets the EOS token appended, a conversational one is rendered by
+        the chat template (and cut after its last EOS). The prompt keeps its last ``max_prompt_length`` tokens if the
+        config has one (TRL 1.16's GRPO and RLOO have none, and do not truncate prompts), the completion (and its
+        mask) its first ``max_completion_length``. The mask is 1 on every completion token, or with
+        ``ippo_score="answer"`` on the tokens of the final answer only (:meth:`_ippo_tokenize`)."""
         cached = self._ippo_val_cache.get(index)
         if cached is not None:
             return cached
@@ -320,8 +422,13 @@ class _IPPOMixin:
                              f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}")
         prompt, completion = row["prompt"], row["completion"]
         _check_validation_row(where, prompt, completion)
+        if self.ippo_score == "answer" and not any(
+                ANSWER_MARK in text for text in ([completion] if isinstance(completion, str) else
+                                                 map(_message_text, completion))):
+            raise ValueError(f"{where}: the completion has no {ANSWER_MARK!r}; ippo_score='answer' takes the "
+                             f"validation loss of the final answer, the text after the last {ANSWER_MARK!r}")
         try:
-            prompt_ids, completion_ids = self._ippo_tokenize(where, prompt, completion)
+            prompt_ids, completion_ids, mask = self._ippo_tokenize(where, prompt, completion)
         except ValueError:
             raise
         except Exception as error:  # the tokenizer's or the chat template's own error, on this row
@@ -331,19 +438,34 @@ class _IPPOMixin:
         if max_prompt is not None:
             prompt_ids = prompt_ids[-max_prompt:]
         if max_completion is not None:
-            completion_ids = completion_ids[:max_completion]
+            completion_ids, mask = completion_ids[:max_completion], mask[:max_completion]
         if not prompt_ids or not completion_ids:
             raise ValueError(f"{where}: the {'completion' if prompt_ids else 'prompt'} has no tokens")
-        self._ippo_val_cache[index] = (prompt_ids, completion_ids)
-        return prompt_ids, completion_ids
+        if not any(mask):
+            raise ValueError(f"{where}: no token of the final answer is in the completion's first "
+                             f"max_completion_length={max_completion} tokens (ippo_score='answer')")
+        self._ippo_val_cache[index] = (prompt_ids, completion_ids, mask)
+        return prompt_ids, completion_ids, mask
 
-    def _ippo_tokenize(self, where: str, prompt, completion) -> tuple[list[int], list[int]]:
-        """(prompt ids, completion ids) of a checked validation row, before truncation."""
+    def _ippo_tokenize(self, where: str, prompt, completion) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, completion ids, loss mask) of a checked validation row, before truncation. The mask is 1 on
+        every completion token; with ``ippo_score="answer"``, 1 on the tokens that overlap the final answer, the text
+        after the last ``####`` (stripped), found by the tokenizer's character offsets: in the completion string, or
+        for a list of messages in the chat template's rendering of prompt + completion (which must tokenize to the
+        same ids)."""
         tokenizer, eos = self.processing_class, self._tokenizer.eos_token_id
         eos_ids = set(getattr(self, "eos_token_ids", None) or [eos])
+        answer = self.ippo_score == "answer"
+
+        def text_completion(prompt_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+            encoded = tokenizer(text=completion, add_special_tokens=False, return_offsets_mapping=answer)
+            ids = list(encoded["input_ids"])
+            mask = _overlapping(encoded["offset_mapping"], *_final_answer(where, completion)) if answer else \
+                [1] * len(ids)
+            return prompt_ids, ids + [eos], mask + [0 if answer else 1]
+
         if isinstance(prompt, str):
-            prompt_ids = list(tokenizer(text=prompt)["input_ids"])
-            return prompt_ids, list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
+            return text_completion(list(tokenizer(text=prompt)["input_ids"]))
         kwargs = {"tokenize": True, "return_dict": True, **(getattr(self, "chat_template_kwargs", None) or {})}
         if getattr(self, "tools", None):
             kwargs["tools"] = self.tools
@@ -351,14 +473,30 @@ class _IPPOMixin:
             kwargs["chat_template"] = self.chat_template
         prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs)["input_ids"])
         if isinstance(completion, str):
-            return prompt_ids, list(tokenizer(text=completion, add_special_tokens=False)["input_ids"]) + [eos]
-        full = list(tokenizer.apply_chat_template(list(prompt) + list(completion), **kwargs)["input_ids"])
+            return text_completion(prompt_ids)
+        messages = list(prompt) + list(completion)
+        full = list(tokenizer.apply_chat_template(messages, **kwargs)["input_ids"])
         if full[:len(prompt_ids)] != prompt_ids:
             raise ValueError(f"{where}: the chat template renders prompt + completion with a different prefix than the "
                              "prompt alone, so the completion tokens are ambiguous; give the completion as a string")
         completion_ids = full[len(prompt_ids):]
         ends = [i for i, token in enumerate(completion_ids) if token in eos_ids]
-        return prompt_ids, completion_ids[:ends[-1] + 1] if ends else completion_ids
+        completion_ids = completion_ids[:ends[-1] + 1] if ends else completion_ids
+        mask = [1] * len(completion_ids)
+        if answer:  # the final answer of the last message with the mark, found after the rendering's last mark
+            content = [_message_text(m) for m in completion if ANSWER_MARK in _message_text(m)][-1]
+            answer_text = content[slice(*_final_answer(where, content))]
+            text = tokenizer.apply_chat_template(messages, **{**kwargs, "tokenize": False, "return_dict": False})
+            start = text.rfind(ANSWER_MARK) + len(ANSWER_MARK)
+            start += len(text[start:]) - len(text[start:].lstrip())
+            encoded = tokenizer(text=text, add_special_tokens=False, return_offsets_mapping=True)
+            if not text.startswith(answer_text, start) or list(encoded["input_ids"]) != full:
+                raise ValueError(f"{where}: the final answer's tokens cannot be found in the chat template's rendering "
+                                 f"(its text does not tokenize to its ids, or the answer does not follow its last "
+                                 f"{ANSWER_MARK!r}; ippo_score='answer'); give the completion as a string")
+            mask = _overlapping(encoded["offset_mapping"], start, start + len(answer_text))
+            mask = mask[len(prompt_ids):len(prompt_ids) + len(completion_ids)]
+        return prompt_ids, completion_ids, mask
 
     def _ippo_validation_indices(self) -> list[int]:
         """The validation rows of this generation batch: the same on every process, a function of the seed and the
@@ -370,24 +508,52 @@ class _IPPOMixin:
         rng = random.Random(f"ippo-validation:{self.args.seed}:{draw}")
         return sorted(rng.sample(range(n), self.ippo_val_size))
 
+    def _ippo_validation_direction(self, indices: list[int]) -> dict[str, LoRAGrad]:
+        """The V that ``ippo_score`` scores against: the validation gradient of rows ``indices`` (answer: of their
+        final answers' tokens), preconditioned for adam by the second moment of the optimizer that takes the next
+        step (``ippo.train.scoring.adam_preconditioned``: P = 1 before its first step). The same on every process:
+        V is all-reduced, and DDP keeps every process's optimizer state equal."""
+        val = self._ippo_validation_gradients(indices)
+        if self.ippo_score == "adam":
+            val = adam_preconditioned(val, self._ippo_adam_optimizer(), self.accelerator.unwrap_model(self.model))
+        return val
+
+    def _ippo_adam_optimizer(self):
+        """The trainer's optimizer (accelerate's wrapper forwards ``state`` and ``param_groups``), checked to be an
+        Adam-like one that holds every LoRA weight: param groups with ``betas`` and ``eps``, and a state with
+        ``exp_avg_sq`` for every LoRA weight it has stepped (none yet before the first step: P = 1)."""
+        name, optimizer = type(self).__name__, self.optimizer
+        if optimizer is None:
+            raise ValueError(f"{name}: ippo_score='adam' needs the trainer's optimizer, and it has none yet")
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        for layer, weights in self._ippo_lora_weights().items():
+            for part, weight in zip("AB", weights):
+                group, state = groups.get(id(weight)), optimizer.state.get(weight) or {}
+                if group is None or "betas" not in group or "eps" not in group or (state and not {
+                        "exp_avg_sq", "step"} <= set(state)):
+                    raise ValueError(f"{name}: ippo_score='adam' needs an Adam/AdamW optimizer over every LoRA weight "
+                                     f"(param groups with betas and eps, state exp_avg_sq and step); "
+                                     f"{type(optimizer).__name__} does not have that for {layer}.lora_{part}")
+        return optimizer
+
     def _ippo_validation_gradients(self, indices: list[int]) -> dict[str, LoRAGrad]:
-        """{layer: LoRAGrad} of L_val = mean NLL per gold completion token over rows ``indices``, the same on every
-        process (each computes every N-th pair; one all-reduce sums them). Raises ValueError when it is zero or not
-        finite for every LoRA parameter."""
+        """{layer: LoRAGrad} of L_val = mean NLL per gold completion token (answer: per final-answer token) over rows
+        ``indices``, the same on every process (each computes every N-th pair; one all-reduce sums them). Raises
+        ValueError when it is zero or not finite for every LoRA parameter."""
         model = self.accelerator.unwrap_model(self.model)
         weights = self._ippo_lora_weights()
         params = [w for pair in weights.values() for w in pair]
-        pairs = [self._ippo_val_pair(i) for i in indices]
-        tokens = sum(len(completion) for _, completion in pairs)
-        mine = pairs[self.accelerator.process_index::self.accelerator.num_processes]
+        rows = [self._ippo_val_row(i) for i in indices]
+        tokens = sum(sum(mask) for _, _, mask in rows)
+        mine = rows[self.accelerator.process_index::self.accelerator.num_processes]
         grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
         chunk = max(1, self.args.per_device_train_batch_size)
         for start in range(0, len(mine), chunk):
-            input_ids, attention_mask, completion_mask = self._ippo_pad(mine[start:start + chunk])
+            input_ids, attention_mask, loss_mask = self._ippo_pad(mine[start:start + chunk])
             with self.compute_loss_context_manager():
                 logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-                                                                      completion_mask.shape[1])
-            loss = -(logps * completion_mask.to(logps.dtype)).sum() / tokens
+                                                                      loss_mask.shape[1])
+            loss = -(logps * loss_mask.to(logps.dtype)).sum() / tokens
             for grad, got in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if got is not None:
                     grad += got
@@ -399,41 +565,68 @@ class _IPPOMixin:
         shaped = [g.view(p.shape) for g, p in zip(grads, params)]
         return {layer: LoRAGrad(shaped[2 * i], shaped[2 * i + 1]) for i, layer in enumerate(weights)}
 
-    def _ippo_pad(self, pairs: list[tuple[list[int], list[int]]]):
-        """(input_ids, attention_mask, completion_mask) for (prompt, completion) id pairs, padded as TRL pads:
-        prompts on the left, completions on the right."""
+    def _ippo_pad(self, rows: list[tuple[list[int], list[int], list[int]]]):
+        """(input_ids, attention_mask, loss_mask) for (prompt ids, completion ids, completion loss mask) rows, padded
+        as TRL pads: prompts on the left, completions on the right."""
         device, pad = self.accelerator.device, self._tokenizer.pad_token_id
-        prompt_len = max(len(p) for p, _ in pairs)
-        completion_len = max(len(c) for _, c in pairs)
-        rows, masks, completion_masks = [], [], []
-        for prompt, completion in pairs:
+        prompt_len = max(len(p) for p, _, _ in rows)
+        completion_len = max(len(c) for _, c, _ in rows)
+        ids, masks, loss_masks = [], [], []
+        for prompt, completion, loss_mask in rows:
             left, right = prompt_len - len(prompt), completion_len - len(completion)
-            rows.append([pad] * left + prompt + completion + [pad] * right)
+            ids.append([pad] * left + prompt + completion + [pad] * right)
             masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
-            completion_masks.append([1] * len(completion) + [0] * right)
+            loss_masks.append(list(loss_mask) + [0] * right)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return as_tensor(rows), as_tensor(masks), as_tensor(completion_masks)
+        return as_tensor(ids), as_tensor(masks), as_tensor(loss_masks)
 
     # ---- scores and the filter ---------------------------------------------------------------------------------
 
     def _ippo_scores(self, batches: list[dict[str, Any]], val_grads: dict[str, LoRAGrad]) -> list[torch.Tensor]:
         """Per micro-batch, (rows,) float64 s_i = <dl_i/dtheta, V>, l_i = row i's share of the loss the Trainer
-        backpropagates for that micro-batch, divided by the number of processes (DDP averages gradients)."""
+        backpropagates for that micro-batch, divided by the number of processes (DDP averages gradients); deflated:
+        then :meth:`_ippo_deflate` with the rows' gradient sketches from the same backward (scaled alike)."""
         model = self.accelerator.unwrap_model(self.model)
         params = [w for pair in self._ippo_lora_weights().values() for w in pair]
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scale = (1.0 if self.loss_is_scaled_for_ga else 1.0 / accumulation) / self.accelerator.num_processes
-        scores = []
+        deflated = self.ippo_score == "deflated"
+        sketch = {"sketch_dim": self.ippo_deflate_dim, "sketch_seed": _SKETCH_SEED} if deflated else {}
+        scores, sketches = [], []
         for batch in batches:
             attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
             rows = attention_mask.shape[0]
-            with InfluenceScorer(model, val_grads, segment_ids_from_mask(attention_mask), rows) as scorer:
+            with InfluenceScorer(model, val_grads, segment_ids_from_mask(attention_mask), rows, **sketch) as scorer:
                 with self.compute_loss_context_manager():
                     loss = self._compute_loss(model, batch)
                 if loss.requires_grad:
                     torch.autograd.grad(loss, params, allow_unused=True)
             scores.append(scorer.scores.to(torch.float64) * scale)
-        return scores
+            if deflated:
+                sketches.append(scorer.sketches.to(torch.float64) * scale)
+        return self._ippo_deflate(scores, sketches, val_grads) if deflated else scores
+
+    def _ippo_deflate(self, scores: list[torch.Tensor], sketches: list[torch.Tensor],
+                      val_grads: dict[str, LoRAGrad]) -> list[torch.Tensor]:
+        """ippo_score="deflated": ``ippo.train.scoring.deflate`` over the whole generation batch, every process's
+        rows (one all-gather of scores and sketches): s_i - sum_{c <= ippo_deflate_top} <S_i, u_c> <u_c, sketch(V)>,
+        u_c the top right singular vectors of the rows' (rows, ippo_deflate_dim) sketch matrix S. Rows whose score
+        or sketch is not finite stay out of the SVD and keep their score (the filter drops them). Process 0's result
+        is broadcast, so every process filters on the same numbers. Returns this process's rows, per micro-batch."""
+        device, processes = self.accelerator.device, self.accelerator.num_processes
+        local = torch.cat([torch.cat(scores)[:, None], torch.cat(sketches)], 1).to(device)
+        gathered = self.accelerator.gather(local) if processes > 1 else local
+        all_scores, all_sketches = gathered[:, 0], gathered[:, 1:]
+        model = self.accelerator.unwrap_model(self.model)
+        val_sketch = sketch_gradients(val_grads, self.ippo_deflate_dim, _SKETCH_SEED, model=model).to(device)
+        finite = all_scores.isfinite() & all_sketches.isfinite().all(1)
+        out = all_scores.clone()
+        if finite.any():
+            out[finite] = deflate(all_scores[finite], all_sketches[finite], val_sketch, self.ippo_deflate_top)
+        if processes > 1:
+            out = broadcast(out.contiguous(), from_process=0)
+        mine = out[self.accelerator.process_index * len(local):(self.accelerator.process_index + 1) * len(local)]
+        return list(torch.split(mine, [len(s) for s in scores]))
 
     @contextlib.contextmanager
     def _ippo_isolated(self):
@@ -464,7 +657,7 @@ class _IPPOMixin:
         ``ippo_stop_rule`` (and ``ippo_stop_when_empty``)."""
         start = time.perf_counter()
         with self._ippo_isolated():
-            val_grads = self._ippo_validation_gradients(self._ippo_validation_indices())
+            val_grads = self._ippo_validation_direction(self._ippo_validation_indices())
             scores = self._ippo_scores(batches, val_grads)
         device = self.accelerator.device
         local = torch.cat(scores).to(device) if scores else torch.zeros(0, dtype=torch.float64, device=device)
@@ -586,8 +779,12 @@ class IPPOGRPOTrainer(_IPPOMixin, GRPOTrainer):
     a list of rows with ``prompt`` and ``completion``, the gold answers; every row is checked at construction, the
     completion cut to ``max_completion_length`` tokens, the prompt to ``max_prompt_length`` if the config has one),
     ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule``
-    ("evidence" or "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True, a bool).
-    See ``ippo.integrations.trl``'s docstring.
+    ("evidence" or "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True, a bool),
+    ``ippo_score`` ("raw", default; "answer": V of the final answers after ``####``, every validation completion
+    must have one, else a ValueError naming ``validation_dataset`` and the row at construction; "adam": V
+    preconditioned by the optimizer's second moment; "deflated": minus the generation batch's top
+    ``ippo_deflate_top`` (1) gradient directions from ``ippo_deflate_dim``-wide (4096, a multiple of 2r) sketches;
+    "centred" is refused: TRL's micro-batches carry no prompt groups). See ``ippo.integrations.trl``'s docstring.
     """
 
     _tag_names = ["trl", "grpo", "ippo"]

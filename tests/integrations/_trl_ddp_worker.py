@@ -1,9 +1,12 @@
-"""Worker for tests/integrations/test_integrations_trl.py::test_two_process_gloo, launched with
-``python -m torch.distributed.run --standalone --nproc_per_node 2 _trl_ddp_worker.py OUT_DIR`` (CPU, gloo).
+"""Worker for tests/integrations/test_integrations_trl.py::test_two_process_gloo and
+test_integrations_trl_scores.py::test_two_process_scores, launched with ``python -m torch.distributed.run
+--standalone --nproc_per_node 2 _trl_ddp_worker.py OUT_DIR [scores]`` (CPU, gloo; ``_trl_tiny.torchrun_workers``).
 
-Three short IPPOGRPOTrainer runs on every rank, each saving ``OUT_DIR/<run>-rank<r>.pt``: "real" (real scores, 2
-steps), "mixed" (rank 0's scores forced to -1, rank 1's to +1: rank 0 keeps nothing, yet no rank stops) and "empty"
-(every score forced to -1, ``ippo_stop_patience=1``: both ranks stop at the first generation batch)."""
+Short IPPOGRPOTrainer runs on every rank, each saving ``OUT_DIR/<run>-rank<r>.pt``. Without ``scores``: "real"
+(real scores, 2 steps), "mixed" (rank 0's scores forced to -1, rank 1's to +1: rank 0 keeps nothing, yet no rank
+stops) and "empty" (every score forced to -1, ``ippo_stop_patience=1``: both ranks stop at the first generation
+batch). With ``scores``: "deflated" (``ippo_score="deflated"``, 1 step) and "adam" (``ippo_score="adam"``, 2 steps,
+scores forced to +1 after they are recorded, so that the second batch is scored with AdamW state)."""
 
 import os
 import sys
@@ -18,18 +21,29 @@ from _trl_tiny import RecordingGRPO, lora_state, make_trainer  # noqa: E402
 # The run's shared settings; the test builds its 1-process reference with the same ones.
 SETTINGS = dict(loss_type="dapo", beta=0.04, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 ippo_val_size=4, perturb=True)
+# The runs with ippo_score (the "scores" mode): {run: (keywords, max_steps, forced scores)}.
+SCORE_RUNS = {"deflated": (dict(ippo_score="deflated", ippo_deflate_dim=8, ippo_deflate_top=2), 1, None),
+              "adam": (dict(ippo_score="adam", adam_beta2=0.9, adam_epsilon=1e-4), 2, lambda s, t: torch.ones_like(s))}
 
 
 def forced(values):
     return lambda scores, trainer: torch.full_like(scores, values[trainer.accelerator.process_index])
 
 
-def main(out: Path) -> None:
+def runs(mode: str):
+    """(name, trainer keywords) of every run of ``mode``."""
+    if mode == "scores":
+        return [(name, dict(max_steps=steps, force_scores=force, **kwargs))
+                for name, (kwargs, steps, force) in SCORE_RUNS.items()]
+    return [(name, dict(max_steps=2, force_scores=force, ippo_stop_patience=1 if name == "empty" else 2))
+            for name, force in (("real", None), ("mixed", forced([-1.0, 1.0])), ("empty", forced([-1.0, -1.0])))]
+
+
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    for name, force in (("real", None), ("mixed", forced([-1.0, 1.0])), ("empty", forced([-1.0, -1.0]))):
-        trainer = make_trainer(RecordingGRPO, out / name, max_steps=2, force_scores=force,
-                               ippo_stop_patience=1 if name == "empty" else 2, **SETTINGS)
+    for name, kwargs in runs(mode):
+        trainer = make_trainer(RecordingGRPO, out / name, **kwargs, **SETTINGS)
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
         initial = lora_state(trainer.model)
         trainer.train()
@@ -41,4 +55,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "filter")

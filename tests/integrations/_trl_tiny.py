@@ -5,6 +5,10 @@ the explicit per-row reference (one TRL loss per row, the other rows detached)."
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,7 +167,8 @@ def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, pert
     tok = tok or tokenizer()
     model = model if model is not None else tiny_model(tok)
     trainer_keys = {"ippo_val_size", "ippo_tol", "ippo_stop_rule", "ippo_stop_patience", "ippo_stop_when_empty",
-                    "force_scores", "validation_dataset", "reward_funcs"}
+                    "ippo_score", "ippo_deflate_top", "ippo_deflate_dim", "force_scores", "validation_dataset",
+                    "reward_funcs"}
     extra = {k: overrides.pop(k) for k in list(overrides) if k in trainer_keys}
     if ippo:
         extra.setdefault("validation_dataset", validation_dataset())
@@ -202,34 +207,53 @@ def lora_params(model, layers) -> list[LoRAGrad]:
     return [weights[n] for n in layers]
 
 
-def reference_scores(trainer, batch, val_grads, scale: float) -> torch.Tensor:
-    """s_i = scale * <d l_i / d theta, V> by an explicit loop over rows, l_i from TRL's own ``_compute_loss``."""
+def row_gradients(trainer, batch, layers) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row of ``batch``, {layer: (dl_i/dA, dl_i/dB)} over ``layers`` (zeros where l_i does not reach), by an
+    explicit loop over rows, l_i = row i's share of TRL's own ``_compute_loss`` (TRL's metrics left as they were)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    layers = list(val_grads)
     params = [w for pair in lora_params(model, layers) for w in pair]
-    vals = [v for layer in layers for v in val_grads[layer]]
     saved = copy.deepcopy(dict(trainer._metrics["train"]))
     out = []
     for row in range(batch["prompt_ids"].shape[0]):
         loss = trainer._compute_loss(RowGate(model, row), batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out.append(sum((g * v).sum() for g, v in zip(grads, vals) if g is not None) * scale)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        out.append({layer: (grads[2 * i], grads[2 * i + 1]) for i, layer in enumerate(layers)})
     trainer._metrics["train"].clear()
     trainer._metrics["train"].update(saved)
+    return out
+
+
+def reference_scores(trainer, batch, val_grads, scale: float) -> torch.Tensor:
+    """s_i = scale * <d l_i / d theta, V> by an explicit loop over rows, l_i from TRL's own ``_compute_loss``."""
+    out = [sum((g * v).sum() for layer, pair in grads.items() for g, v in zip(pair, val_grads[layer])) * scale
+           for grads in row_gradients(trainer, batch, list(val_grads))]
     return torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in out])
 
 
-def reference_validation_gradients(model, tok, rows, layers) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """d/dtheta of the mean NLL per gold completion token (temperature 1), by a plain forward per pair."""
+def final_answer_positions(completion: str) -> list[int]:
+    """The character positions (= token positions of the character tokenizer) of a completion's final answer: the
+    text after its last '####', stripped."""
+    answer = completion.split("####")[-1].strip()
+    start = completion.rindex(answer)
+    return list(range(start, start + len(answer)))
+
+
+def reference_validation_gradients(model, tok, rows, layers,
+                                   answer_only: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """d/dtheta of the mean NLL per gold completion token (temperature 1), by a plain forward per pair;
+    ``answer_only``: per token of the final answers (:func:`final_answer_positions`) only."""
     params = [w for pair in lora_params(model, layers) for w in pair]
     total, tokens = 0.0, 0
     for row in rows:
         prompt = tok(text=row["prompt"])["input_ids"]
         completion = tok(text=row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        positions = final_answer_positions(row["completion"]) if answer_only else list(range(len(completion)))
         ids = torch.tensor([prompt + completion])
         logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
-        total = total - torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum()
-        tokens += len(completion)
+        nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        total = total + nll[positions].sum()
+        tokens += len(positions)
     grads = torch.autograd.grad(total / tokens, params)
     return {layer: (grads[2 * i], grads[2 * i + 1]) for i, layer in enumerate(layers)}
 
@@ -252,6 +276,44 @@ def pad_batches(batches: list[dict], pad_id: int) -> dict:
         else:
             out[key] = values[0]
     return out
+
+
+def torchrun_workers(out, names, *args) -> dict[str, list[dict]]:
+    """Runs ``_trl_ddp_worker.py out *args`` on 2 processes (torchrun, CPU, gloo); {run name: [rank 0's saved
+    results, rank 1's]} for the runs ``names``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).resolve().parent / "_trl_ddp_worker.py"), str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return {name: [torch.load(Path(out) / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+            for name in names}
+
+
+def check_one_process_union(out, ranks: list[dict], **settings) -> None:
+    """The 1-process filter (a ``RecordingGRPO`` with ``settings``) on the union of both ranks' rows of one
+    generation batch (``ranks``: each rank's record of it) gives the ranks' validation gradient, scores and
+    reweighted advantages."""
+    trainer = make_trainer(RecordingGRPO, out, max_steps=1, **settings)
+    load_lora_state(trainer.model, ranks[0]["lora"])
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    pad = trainer.processing_class.pad_token_id
+    union = [pad_batches([ranks[0]["before"][k], ranks[1]["before"][k]], pad) for k in range(len(ranks[0]["before"]))]
+    trainer._ippo_filter(union)
+    single = trainer.records[0]
+    # TRL's per-token log-probs are float32 (its fused LM head), and the padding differs between the runs: float32-level
+    # agreement is all that float64 models get here.
+    close = dict(rtol=2e-5)
+    for layer, (va, vb) in single["val_grads"].items():
+        torch.testing.assert_close(va, ranks[0]["val_grads"][layer][0], **close, atol=1e-6 * va.abs().max().item())
+        torch.testing.assert_close(vb, ranks[0]["val_grads"][layer][1], **close, atol=1e-6 * vb.abs().max().item())
+    for k, scores in enumerate(single["scores"]):
+        want = torch.cat([ranks[0]["scores"][k], ranks[1]["scores"][k]])
+        torch.testing.assert_close(scores, want, **close, atol=1e-5 * want.abs().max().item())
+        want = torch.cat([ranks[0]["after"][k], ranks[1]["after"][k]])
+        torch.testing.assert_close(single["after"][k], want, **close, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,6 @@ configs, CPU. The checklist of the issue:
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +26,16 @@ from _trl_tiny import (
     VALIDATION,
     RecordingGRPO,
     RecordingRLOO,
+    check_one_process_union,
     load_lora_state,
     lora_state,
     make_trainer,
     one_thread,  # noqa: F401 (autouse)
-    pad_batches,
     reference_scores,
     reference_validation_gradients,
     tiny_model,
     tokenizer,
+    torchrun_workers,
 )
 from datasets import Dataset
 from trl import GRPOTrainer, RLOOTrainer
@@ -287,15 +287,7 @@ def test_scored_once_per_generation_batch(tmp_path):  # (f)
 
 
 def test_two_process_gloo(tmp_path):  # (g)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "_trl_ddp_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    runs = {name: [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for name in ("real", "mixed", "empty")}
+    runs = torchrun_workers(tmp_path, ("real", "mixed", "empty"))
     for name, (r0, r1) in runs.items():  # both ranks: same weights, same decisions, no hang
         assert r0["stopped"] == r1["stopped"] and r0["global_step"] == r1["global_step"], name
         assert all(torch.equal(r0["final"][n], v) for n, v in r1["final"].items()), name
@@ -321,25 +313,7 @@ def test_two_process_gloo(tmp_path):  # (g)
     # validation gradient and weights.
     sys.path.insert(0, str(HERE))
     from _trl_ddp_worker import SETTINGS
-    trainer = make_trainer(RecordingGRPO, tmp_path / "union", max_steps=1, **SETTINGS)
-    load_lora_state(trainer.model, real[0]["records"][0]["lora"])
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-    pad = trainer.processing_class.pad_token_id
-    ranks = [r["records"][0] for r in real]
-    union = [pad_batches([ranks[0]["before"][k], ranks[1]["before"][k]], pad) for k in range(len(ranks[0]["before"]))]
-    trainer._ippo_filter(union)
-    single = trainer.records[0]
-    # TRL's per-token log-probs are float32 (its fused LM head), and the padding differs between the runs: float32-level
-    # agreement is all that float64 models get here.
-    close = dict(rtol=2e-5)
-    for layer, (va, vb) in single["val_grads"].items():
-        torch.testing.assert_close(va, ranks[0]["val_grads"][layer][0], **close, atol=1e-6 * va.abs().max().item())
-        torch.testing.assert_close(vb, ranks[0]["val_grads"][layer][1], **close, atol=1e-6 * vb.abs().max().item())
-    for k, scores in enumerate(single["scores"]):
-        want = torch.cat([ranks[0]["scores"][k], ranks[1]["scores"][k]])
-        torch.testing.assert_close(scores, want, **close, atol=1e-5 * want.abs().max().item())
-        want = torch.cat([ranks[0]["after"][k], ranks[1]["after"][k]])
-        torch.testing.assert_close(single["after"][k], want, **close, atol=1e-5 * want.abs().max().item())
+    check_one_process_union(tmp_path / "union", [r["records"][0] for r in real], **SETTINGS)
 
 
 # ---- set-ups that are refused, and errors ------------------------------------------------------------------------
