@@ -180,18 +180,72 @@ def sketch_gradients(grads: Mapping[str, LoRAGrad], k: int, seed: int = 0, *,
     return total
 
 
+def _fsdp2_unsharded(params: list[torch.Tensor], model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """{id(sharded parameter): its unsharded parameter} for the FSDP2 (``fully_shard``) parameters of ``model``.
+
+    Under FSDP2 a LoRA weight is a sharded DTensor parameter; inside the forward its module holds the all-gathered
+    full tensor (a plain ``nn.Parameter``, FSDP2's ``_unsharded_param``), which is the leaf the autograd graph
+    records. Differentiating with respect to it (rather than the sharded parameter, which the graph never sees)
+    gives the full gradient of the loss of this process, with no reduce-scatter and ``.grad`` untouched; FSDP2's
+    own backward hooks all-gather the parameters again where the backward needs them. The lookup goes through
+    FSDP2's per-module state (``FSDPModule._get_fsdp_state()``, private in torch 2.13), so it is checked: a DTensor
+    parameter that no ``fully_shard`` state owns (tensor parallelism, FSDP1, ...) is a ValueError."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = {id(p) for p in params if isinstance(p, DTensor)}
+    if not sharded:
+        return {}
+    found: dict[int, torch.Tensor] = {}
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                for group in module._get_fsdp_state()._fsdp_param_groups:
+                    for fsdp_param in group.fsdp_params:
+                        if id(fsdp_param.sharded_param) in sharded and hasattr(fsdp_param, "_unsharded_param"):
+                            found[id(fsdp_param.sharded_param)] = fsdp_param._unsharded_param
+    except (ImportError, AttributeError) as error:  # FSDP2's internals moved: say so rather than return zeros
+        raise ValueError(f"validation_gradients: the LoRA parameters are DTensors, and this torch's FSDP2 state "
+                         f"cannot be read ({type(error).__name__}: {error}); supported: FSDP2 (fully_shard) as in "
+                         "torch 2.13") from error
+    missing = len(sharded - set(found))
+    if missing:
+        raise ValueError(f"validation_gradients: {missing} LoRA parameter(s) are DTensors not sharded by FSDP2 "
+                         "(fully_shard), or not yet all-gathered by a forward; supported: plain parameters (1 "
+                         "process, DDP) and FSDP2, with the loss computed by a forward of the model")
+    return found
+
+
+def differentiable_weights(model: torch.nn.Module, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors to pass to ``torch.autograd.grad`` for the gradient with respect to ``params`` (LoRA weights of
+    ``model``) of a loss computed by a forward of ``model``: the parameters themselves, or under FSDP2 their
+    unsharded (all-gathered, full) parameters (``_fsdp2_unsharded``), so that the gradients are full plain tensors.
+    Call it after the forward."""
+    unsharded = _fsdp2_unsharded(params, model)
+    return [unsharded.get(id(p), p) for p in params]
+
+
 def validation_gradients(model: torch.nn.Module, val_loss: torch.Tensor) -> dict[str, LoRAGrad]:
     """{layer name: LoRAGrad(V_A, V_B)} = d val_loss / d (lora_A, lora_B) of the active adapter.
 
     Uses torch.autograd.grad, so the parameters' .grad are left as they were. Raises ValueError when that
     gradient is zero for every LoRA parameter (every score would be 0); one device sync.
+
+    The gradient is this process's, of ``val_loss`` alone: nothing is communicated (as under DDP). With the LoRA
+    parameters sharded by FSDP2 (``fully_shard``: DTensors), it is taken with respect to the full, all-gathered
+    weights the forward used (``differentiable_weights``), so every process gets the full V of the unsharded model
+    as plain tensors, which ``InfluenceScorer`` takes; the same loss on every process gives the same V everywhere
+    (to sum different shares, all-reduce the result). ``val_loss`` must come from a forward of ``model``.
     """
     layers = lora_weights(model)
     params = [w for pair in layers.values() for w in pair]
     reaches = isinstance(val_loss, torch.Tensor) and val_loss.requires_grad
-    grads = torch.autograd.grad(val_loss, params, allow_unused=True) if reaches else [None] * len(params)
+    targets = differentiable_weights(model, params) if reaches else params
+    grads = torch.autograd.grad(val_loss, targets, allow_unused=True) if reaches else [None] * len(params)
     check_validation_gradient("validation_gradients", grads)
-    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g.detach()
+             for p, g in zip(params, grads)]
     return {name: LoRAGrad(grads[2 * i], grads[2 * i + 1]) for i, name in enumerate(layers)}
 
 

@@ -133,9 +133,12 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
 
     Each micro-batch adds the gradient of its summed token losses divided by the answer-token count of all
     ``examples``, so the result is the one-batch gradient up to rounding while the memory is that of ``batch``
-    pairs. Pairs are grouped by length (less padding). The parameters' ``.grad`` are left alone.
+    pairs. Pairs are grouped by length (less padding). The parameters' ``.grad`` are left alone. With the LoRA
+    parameters sharded by FSDP2 the gradient is taken as ``ippo.kernels.validation_gradients`` takes it (with
+    respect to the all-gathered weights the forward used): full plain tensors, this process's, no communication.
     """
     from ippo.kernels import check_validation_gradient, lora_weights
+    from ippo.kernels.scorer import differentiable_weights
 
     layers = lora_weights(lm)
     params = [w for pair in layers.values() for w in pair]
@@ -143,10 +146,11 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
     gold = pack_answers(tokenizer, task, examples, final_answer_only).to(device)
     total = gold.mask.sum()
     order = torch.argsort(gold.mask.sum(1) + gold.attn[:, :gold.prompt_len].sum(1), stable=True).to(device)
-    grads = [torch.zeros_like(p) for p in params]
+    grads = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
     for rows in order.split(batch):
         nll, _ = answer_nll(lm, trim_rows(gold, rows))
-        for acc, g in zip(grads, torch.autograd.grad(nll / total, params, allow_unused=True)):
+        targets = differentiable_weights(lm, params)
+        for acc, g in zip(grads, torch.autograd.grad(nll / total, targets, allow_unused=True)):
             if g is not None:
                 acc.add_(g)
     check_validation_gradient("validation_gradient", grads)

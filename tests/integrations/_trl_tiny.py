@@ -278,14 +278,14 @@ def pad_batches(batches: list[dict], pad_id: int) -> dict:
     return out
 
 
-def torchrun_workers(out, names, *args) -> dict[str, list[dict]]:
-    """Runs ``_trl_ddp_worker.py out *args`` on 2 processes (torchrun, CPU, gloo); {run name: [rank 0's saved
-    results, rank 1's]} for the runs ``names``."""
+def torchrun_workers(out, names, *args, worker: str = "_trl_ddp_worker.py") -> dict[str, list[dict]]:
+    """Runs ``worker out *args`` (a script of tests/integrations) on 2 processes (torchrun, CPU, gloo); {run name:
+    [rank 0's saved results, rank 1's]} for the runs ``names``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).resolve().parent / "_trl_ddp_worker.py"), str(out), *args], env=env,
+                           str(Path(__file__).resolve().parent / worker), str(out), *args], env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return {name: [torch.load(Path(out) / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1)]
