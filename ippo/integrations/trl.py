@@ -106,7 +106,17 @@ trains no further: it logs that the run had stopped, runs no step and saves noth
 trains on instead). A checkpoint without the I-PPO state (an older version's) resumes with a fresh one. A ``train()``
 that does not resume starts from a fresh state.
 
-Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP (sharded LoRA parameters),
+FSDP2 (accelerate's plugin with ``fsdp_version: 2``, or ``fully_shard``): the LoRA weights are sharded DTensors,
+and inside each forward their layers hold the all-gathered full weights; the validation gradient and the scoring
+pass differentiate with respect to those (``ippo.kernels.scorer.differentiable_weights``: full plain gradients,
+``.grad`` untouched, no reduce-scatter), so each process's partial V is the full one, summed by the same all-reduce
+as under DDP, and the scores, the all-gather of the decision and the stop are as under DDP. FSDP2's forwards are
+collectives: every process runs as many validation forwards (one with fewer pairs runs its last ones on a masked
+pair). ``ippo_score="adam"`` is refused under FSDP (the optimizer state is sharded).
+
+Refused with a ValueError naming the setting: DeepSpeed ZeRO-3 and FSDP1 (sharded or flattened LoRA parameters), an
+accelerate process count other than torch.distributed's world size (seen on CPU with the DeepSpeed plugin under
+torchrun: the decision would silently be per process),
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
 Linear (e.g. Embedding, Conv), trainable parameters outside the LoRA A/B weights (e.g. ``modules_to_save``: the
 score would not cover them), MoE router aux loss (it couples the rows of a batch), vision-language processors, a
@@ -114,8 +124,9 @@ negative ``ippo_tol``, an ``ippo_*`` keyword of the wrong type, a bad ``validati
 "centred" (or an unknown one), an ``ippo_deflate_dim`` that "deflated" cannot take, "adam" with DeepSpeed or a
 non-Adam optimizer, "answer" with a row without a final answer, and a validation gradient that is zero (or not
 finite) for every LoRA parameter. Allowed but
-not yet tested: DeepSpeed ZeRO-1/2, vLLM generation, tools/environments, CUDA (the tests run TRL on CPU, 1 and 2
-processes).
+not yet tested: DeepSpeed ZeRO-1/2 (until a GPU run: on CPU accelerate's DeepSpeed plugin reports one process per
+rank, refused above), FSDP2 on GPUs (NCCL, bf16 mixed precision, CPU offload), vLLM generation, tools/environments,
+CUDA (the tests run TRL on CPU, 1 and 2 processes, DDP and FSDP2 with gloo).
 """
 
 from __future__ import annotations
@@ -149,6 +160,7 @@ from ippo.kernels import (
     segment_ids_from_mask,
     sketch_gradients,
 )
+from ippo.kernels.scorer import differentiable_weights
 from ippo.train.config import MAX_SKETCH_DIM, SCORES, STOP_RULES
 from ippo.train.policy import ANSWER_MARK
 from ippo.train.ppo_math import evidence_stop, ippo_filter
@@ -348,9 +360,13 @@ class _IPPOMixin:
             raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported: it shards the LoRA parameters across "
                              "processes, and the influence scorer needs every LoRA layer's full A and B on each "
                              "process; use DDP or DeepSpeed ZeRO-0/1/2")
-        if self.is_fsdp_enabled:
-            raise ValueError(f"{name}: FSDP is not supported: it shards the LoRA parameters across processes, and the "
-                             "influence scorer needs every LoRA layer's full A and B on each process; use DDP")
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if self.is_fsdp_enabled and fsdp_version != 2:
+            raise ValueError(f"{name}: FSDP1 (fsdp_version 1) is not supported: it flattens and shards the LoRA "
+                             "parameters into FlatParameters, so neither the influence scorer nor the validation "
+                             "gradient can address each LoRA layer's A and B; use FSDP2 (fsdp_version: 2 in the "
+                             "accelerate config, fsdp_config={'fsdp_version': 2}) or DDP")
+        self._ippo_check_processes(name)
         if self.args.n_gpu > 1:
             raise ValueError(f"{name}: torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process) is not supported; "
                              "launch one process per GPU (accelerate launch or torchrun)")
@@ -381,6 +397,23 @@ class _IPPOMixin:
                              "freeze them (e.g. no modules_to_save)")
         return weights
 
+    def _ippo_check_processes(self, name: str) -> None:
+        """ValueError when accelerate's process count is not torch.distributed's world size: the filter's decision
+        (one all-gather of every process's scores) would then silently be per process. Seen on CPU under torchrun
+        with accelerate's DeepSpeed plugin, where accelerate reports num_processes=1 on every rank."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world, processes = dist.get_world_size(), self.accelerator.num_processes
+        if world != processes:
+            deepspeed = " with DeepSpeed" if self.is_deepspeed_enabled else ""
+            raise ValueError(f"{name}: accelerate reports num_processes={processes}{deepspeed}, but torch.distributed "
+                             f"has world size {world}: the I-PPO keep/weights decision and the stop would be taken "
+                             "per process instead of over every process's rows; launch so that accelerate sees every "
+                             "process (accelerate launch with a matching num_processes; DeepSpeed ZeRO-1/2 is untested "
+                             "with this trainer)")
+
     def _ippo_check_score(self, weights: dict[str, LoRAGrad]) -> None:
         """ValueError on what ``ippo_score`` cannot take: deflated, an ``ippo_deflate_dim`` that is not a multiple
         of 2r for every LoRA rank r; adam, DeepSpeed (its optimizer keeps the Adam state in flat partitions, not per
@@ -394,6 +427,10 @@ class _IPPOMixin:
         if self.ippo_score == "adam" and self.is_deepspeed_enabled:
             raise ValueError(f"{name}: ippo_score='adam' is not supported with DeepSpeed: its optimizer keeps the Adam "
                              "state in flat partitions, not per LoRA weight; use DDP")
+        if self.ippo_score == "adam" and self.is_fsdp_enabled:
+            raise ValueError(f"{name}: ippo_score='adam' is not supported with FSDP yet: the optimizer's second moment "
+                             "is sharded with the LoRA weights (DTensors); use ippo_score='raw', 'answer' or "
+                             "'deflated', or DDP")
         if self.ippo_score == "answer" and not getattr(self._tokenizer, "is_fast", False):
             raise ValueError(f"{name}: ippo_score='answer' needs a fast tokenizer (character offsets, to find the "
                              f"final answer's tokens); got {type(self._tokenizer).__name__}")
@@ -546,15 +583,22 @@ class _IPPOMixin:
         rows = [self._ippo_val_row(i) for i in indices]
         tokens = sum(sum(mask) for _, _, mask in rows)
         mine = rows[self.accelerator.process_index::self.accelerator.num_processes]
-        grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+        grads = [torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+                 for p in params]
         chunk = max(1, self.args.per_device_train_batch_size)
-        for start in range(0, len(mine), chunk):
-            input_ids, attention_mask, loss_mask = self._ippo_pad(mine[start:start + chunk])
+        # FSDP2: every process runs the same number of forwards (each all-gathers every sharded layer), also a
+        # process with fewer (or no) pairs of its own: it runs its forwards on a pair with a zero loss mask
+        forwards = -(-len(rows) // self.accelerator.num_processes // chunk) if self.is_fsdp_enabled else 0
+        batches = [mine[start:start + chunk] for start in range(0, len(mine), chunk)]
+        batches += [[(*rows[0][:2], [0] * len(rows[0][2]))]] * (forwards - len(batches))
+        for batch in batches:
+            input_ids, attention_mask, loss_mask = self._ippo_pad(batch)
             with self.compute_loss_context_manager():
                 logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
                                                                       loss_mask.shape[1])
             loss = -(logps * loss_mask.to(logps.dtype)).sum() / tokens
-            for grad, got in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            targets = differentiable_weights(model, params)  # FSDP2: the all-gathered weights the forward used
+            for grad, got in zip(grads, torch.autograd.grad(loss, targets, allow_unused=True)):
                 if got is not None:
                     grad += got
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -599,8 +643,8 @@ class _IPPOMixin:
             with InfluenceScorer(model, val_grads, segment_ids_from_mask(attention_mask), rows, **sketch) as scorer:
                 with self.compute_loss_context_manager():
                     loss = self._compute_loss(model, batch)
-                if loss.requires_grad:
-                    torch.autograd.grad(loss, params, allow_unused=True)
+                if loss.requires_grad:  # FSDP2: with respect to the all-gathered weights the forward used
+                    torch.autograd.grad(loss, differentiable_weights(model, params), allow_unused=True)
             scores.append(scorer.scores.to(torch.float64) * scale)
             if deflated:
                 sketches.append(scorer.sketches.to(torch.float64) * scale)
