@@ -6,8 +6,9 @@ FSDP2 through accelerate's own plugin, switched on by the environment that ``acc
 examples/accelerate/fsdp2.yaml`` exports (``FSDP_ENV``; on CPU with ``fsdp_on_cpu``): IPPOGRPOTrainer
 (``_trl_ddp_worker.SETTINGS``) runs "real" (real scores, 1 step), "mixed" (rank 0's scores forced to -1, rank 1's
 to +1: only rank 1 keeps rows) and "empty" (every score -1, ``ippo_stop_patience=1``: both ranks stop at the first
-generation batch), then "ddp", the "real" run again without FSDP (accelerate's state reset in between), the
-reference for the FSDP2 run's V, scores and updated weights. Each saves ``OUT_DIR/<run>-rank<r>.pt``, with the LoRA
+generation batch) and "rloo" (IPPORLOOTrainer, 1 step), then "ddp" and "rloo-ddp", the "real" and "rloo" runs
+again without FSDP (accelerate's state reset in between), the references for the FSDP2 runs' V, scores and updated
+weights. Each saves ``OUT_DIR/<run>-rank<r>.pt``, with the LoRA
 weights as full tensors and the types and placements of the LoRA gradients at the optimizer step."""
 
 import os
@@ -20,7 +21,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _trl_ddp_worker import SETTINGS, forced  # noqa: E402
-from _trl_tiny import RecordingGRPO, make_trainer  # noqa: E402
+from _trl_tiny import RecordingGRPO, RecordingRLOO, make_trainer  # noqa: E402
 
 # the environment that `accelerate launch --config_file examples/accelerate/fsdp2.yaml` gives its processes
 # (accelerate 1.16, printed from a launched script)
@@ -38,7 +39,11 @@ RUNS = {"real": dict(max_steps=1),
         "mixed": dict(max_steps=1, force_scores=forced([-1.0, 1.0]), ippo_val_size=5, ippo_score="deflated",
                       ippo_deflate_dim=8),
         "empty": dict(max_steps=2, force_scores=forced([-1.0, -1.0]), ippo_stop_patience=1),
-        "ddp": dict(max_steps=1)}
+        "rloo": dict(max_steps=1, cls=RecordingRLOO),
+        "ddp": dict(max_steps=1),
+        "rloo-ddp": dict(max_steps=1, cls=RecordingRLOO)}
+# IPPORLOOTrainer's runs take RLOO's own loss (no loss_type), with the rest of SETTINGS
+RLOO_SETTINGS = {k: v for k, v in SETTINGS.items() if k != "loss_type"}
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -89,16 +94,17 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     for name, kwargs in RUNS.items():
-        if name == "ddp":
+        if "ddp" in name:  # the DDP runs come last
             for key in FSDP_ENV:
-                os.environ.pop(key)
+                os.environ.pop(key, None)
             AcceleratorState._reset_state()
         else:
             os.environ.update(FSDP_ENV)
             fsdp_on_cpu()
-        trainer = make_trainer(RecordingGRPO, out / name, **{**SETTINGS, **kwargs})
+        cls = kwargs.pop("cls", RecordingGRPO)
+        trainer = make_trainer(cls, out / name, **{**(SETTINGS if cls is RecordingGRPO else RLOO_SETTINGS), **kwargs})
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
-        assert trainer.is_fsdp_enabled == (name != "ddp"), (name, trainer.is_fsdp_enabled)
+        assert trainer.is_fsdp_enabled == ("ddp" not in name), (name, trainer.is_fsdp_enabled)
         grad_types = GradTypes()
         trainer.add_callback(grad_types)
         initial = lora_full(trainer.model)

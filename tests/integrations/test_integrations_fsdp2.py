@@ -50,15 +50,16 @@ def test_fsdp2_validation_gradients(tmp_path):
 
 
 def test_trainer_under_fsdp2(tmp_path):
-    """IPPOGRPOTrainer with accelerate's FSDP2 plugin (fsdp_version 2, decoder layers wrapped): the validation
-    gradient, scores, reweighted advantages and the weights after one optimizer step equal the DDP run's (same
-    rows, same split of the validation pairs) to 1e-12; every rank gets the same V and takes the same keep/weights
-    decision and stop; the LoRA gradients at the optimizer step are Shard(0) DTensors; a batch of which only rank 1
-    keeps rows trains without a hang; the 1-process filter on the union of both ranks' rows agrees (to TRL's
-    float32 log-prob level, as for DDP: ``check_one_process_union``)."""
+    """IPPOGRPOTrainer and IPPORLOOTrainer with accelerate's FSDP2 plugin (fsdp_version 2, decoder layers
+    wrapped): the validation gradient, scores, reweighted advantages and the weights after one optimizer step equal
+    the DDP run's (same rows, same split of the validation pairs) to 1e-12; every rank gets the same V and takes the
+    same keep/weights decision and stop; the LoRA gradients at the optimizer step are Shard(0) DTensors; a batch of
+    which only rank 1 keeps rows trains without a hang; the 1-process filter on the union of both ranks' rows agrees
+    (to TRL's float32 log-prob level, as for DDP: ``check_one_process_union``)."""
     from _trl_ddp_worker import SETTINGS
 
-    runs = torchrun_workers(tmp_path, ("real", "mixed", "empty", "ddp"), worker="_trl_fsdp2_worker.py")
+    runs = torchrun_workers(tmp_path, ("real", "mixed", "empty", "rloo", "ddp", "rloo-ddp"),
+                            worker="_trl_fsdp2_worker.py")
     for name, (r0, r1) in runs.items():  # both ranks: same weights, same decisions, same V
         assert r0["stopped"] == r1["stopped"] and r0["global_step"] == r1["global_step"] == 1, name
         assert all(torch.equal(r0["final"][n], v) for n, v in r1["final"].items()), name
@@ -69,17 +70,18 @@ def test_trainer_under_fsdp2(tmp_path):
         for layer, (va, vb) in a["val_grads"].items():
             assert torch.equal(va, b["val_grads"][layer][0]) and torch.equal(vb, b["val_grads"][layer][1]), name
     real, ddp, mixed, empty = runs["real"], runs["ddp"], runs["mixed"], runs["empty"]
-    for r in range(2):
-        assert real[r]["grad_types"] == mixed[r]["grad_types"] == [["DTensor(Shard(dim=0),)"]]
-        assert ddp[r]["grad_types"] == [["Tensor"]]
-        got, want = real[r]["records"][0], ddp[r]["records"][0]
-        assert_pairs_close(got["val_grads"], want["val_grads"], **EXACT)
-        for key in ("scores", "after"):
-            for x, y in zip(got[key], want[key]):
-                torch.testing.assert_close(x, y, **EXACT)
-        for n, v in ddp[r]["final"].items():  # one optimizer step: FSDP2's full_tensor weights = DDP's
-            torch.testing.assert_close(real[r]["final"][n], v, rtol=1e-12, atol=1e-15)
-    assert any(not torch.equal(real[0]["final"][n], v) for n, v in real[0]["initial"].items())
+    for fsdp, plain in ((real, ddp), (runs["rloo"], runs["rloo-ddp"])):  # GRPO, RLOO
+        for r in range(2):
+            assert fsdp[r]["grad_types"] == [["DTensor(Shard(dim=0),)"]] and plain[r]["grad_types"] == [["Tensor"]]
+            got, want = fsdp[r]["records"][0], plain[r]["records"][0]
+            assert_pairs_close(got["val_grads"], want["val_grads"], **EXACT)
+            for key in ("scores", "after"):
+                for x, y in zip(got[key], want[key]):
+                    torch.testing.assert_close(x, y, **EXACT)
+            for n, v in plain[r]["final"].items():  # one optimizer step: FSDP2's full_tensor weights = DDP's
+                torch.testing.assert_close(fsdp[r]["final"][n], v, rtol=1e-12, atol=1e-15)
+        assert any(not torch.equal(fsdp[0]["final"][n], v) for n, v in fsdp[0]["initial"].items())
+    assert mixed[0]["grad_types"] == [["DTensor(Shard(dim=0),)"]]
     # rank 0 keeps nothing, rank 1 everything: no stop, no hang, rank 0's advantages 0, rank 1's unchanged
     a, b = mixed[0]["records"][0], mixed[1]["records"][0]
     assert not mixed[0]["stopped"] and a["metrics_after"]["ippo/kept_fraction"][-1] == 0.5
