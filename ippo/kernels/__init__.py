@@ -4,7 +4,7 @@ Backends: ``torch`` (reference, any device), ``triton`` (default on CUDA), ``cud
 Choose with IPPO_BACKEND; ``python -m ippo.info`` lists what runs here and why not.
 """
 
-from ippo.kernels.ops import gradient_sketches, influence_scores, sketch_lora_gradient
+from ippo.kernels.ops import gradient_sketches, influence_scores, segment_lora_gradients, sketch_lora_gradient
 from ippo.kernels.scorer import (
     InfluenceScorer,
     LoRAGrad,
@@ -17,5 +17,5 @@ from ippo.kernels.scorer import (
 )
 
 __all__ = ["InfluenceScorer", "LoRAGrad", "check_validation_gradient", "gradient_sketches", "influence_scores",
-           "lora_weights", "segment_ids_from_mask", "sketch_gradients", "sketch_layer_index", "sketch_lora_gradient",
-           "validation_gradients"]
+           "lora_weights", "segment_ids_from_mask", "segment_lora_gradients", "sketch_gradients", "sketch_layer_index",
+           "sketch_lora_gradient", "validation_gradients"]

@@ -1,6 +1,6 @@
-"""The torch ops ``token_influence``, ``influence_scores``, ``lora_token_influence`` and ``gradient_sketches``:
-argument checks, torch.library registration, and the segment bookkeeping shared by every backend
-(``segment_sum``, ``segment_order``; the sketch's per-episode reduction itself is each backend's fused
+"""The torch ops ``token_influence``, ``influence_scores``, ``lora_token_influence``, ``gradient_sketches`` and
+``segment_lora_gradients``: argument checks, torch.library registration, and the segment bookkeeping shared by
+every backend (``segment_sum``, ``segment_order``; the sketch's per-episode reduction itself is each backend's fused
 ``segment_sketch``).
 
 Each op checks its own inputs (in its implementation and its fake impl, so torch.ops callers and
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ippo.kernels import projection
+from ippo.kernels import projection, torch_backend
 from ippo.kernels.backends import select_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -332,3 +332,71 @@ def sketch_lora_gradient(grad_A: torch.Tensor, grad_B: torch.Tensor, k: int, see
     eye = torch.eye(r, dtype=grad_A.dtype, device=grad_A.device)
     seg = torch.zeros(r, dtype=torch.long, device=grad_A.device)
     return torch.ops.ippo.gradient_sketches(grad_A, eye, grad_B.T, eye, seg, 1, k, seed, layer, 1.0)[0]
+
+
+# ---- segment_lora_gradients: per-episode LoRA weight gradients from the scored backward -------------------
+
+def check_episode_grad_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, scaling) -> dict[str, int]:
+    """The static checks of ``segment_lora_gradients`` (no device sync), run by the op and its fake impl."""
+    return check_lora_inputs("segment_lora_gradients", x, h, grad_y, grad_h, segment_ids=segment_ids,
+                             num_segments=num_segments, scaling=scaling)
+
+
+def _identity_rows(z: torch.Tensor, salt: int, m: int, acc: torch.dtype) -> torch.Tensor:
+    """``segment_sketch``'s projection hook with P = I: the rows themselves, in the accumulation dtype."""
+    return z.to(acc)
+
+
+def episode_gradient_values(x, h, grad_y, grad_h, segment_ids, num_segments: int,
+                            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_A (S, r, d_in), grad_B (S, d_out, r)): the sketch's per-episode reduction with P = I (the torch
+    backend's ``segment_sketch``, one (r x n_s) @ (n_s x d) GEMM per episode over its tokens: the FLOPs of the dense
+    weight gradient). Every device runs this torch reduction; no Triton or CUDA kernel of it is written yet."""
+    dtype = accumulation_dtype(x, h, grad_y, grad_h)
+    r, d_in, d_out = h.shape[1], x.shape[1], grad_y.shape[1]
+    try:
+        grad_A = torch.zeros((num_segments, r, d_in), dtype=dtype, device=x.device)
+        grad_B = torch.zeros((num_segments, d_out, r), dtype=dtype, device=x.device)
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # CPU: RuntimeError; CUDA: OutOfMemoryError
+        raise ValueError(f"segment_lora_gradients: the per-episode gradients of num_segments={num_segments} episodes "
+                         f"({num_segments * r * (d_in + d_out) * dtype.itemsize / 2**30:.3g} GiB) cannot be allocated "
+                         f"on {x.device}") from err
+    if r and x.shape[0] and num_segments:
+        order, offsets = segment_order(segment_ids, num_segments)
+        torch_backend.segment_sketch(x, grad_h, order, offsets, 0, 1.0, grad_A, project=_identity_rows)
+        torch_backend.segment_sketch(grad_y, h, order, offsets, 0, scaling, grad_B.transpose(1, 2),
+                                     project=_identity_rows)
+    return grad_A, grad_B
+
+
+@torch.library.custom_op("ippo::segment_lora_gradients", mutates_args=())
+def _segment_lora_gradients_op(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                               segment_ids: torch.Tensor, num_segments: int,
+                               scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    check_episode_grad_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, scaling)
+    return episode_gradient_values(x, h, grad_y, grad_h, segment_ids, num_segments, scaling)
+
+
+@_segment_lora_gradients_op.register_fake
+def _(x, h, grad_y, grad_h, segment_ids, num_segments, scaling=1.0):
+    dims = check_episode_grad_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, scaling)
+    dtype = accumulation_dtype(x, h, grad_y, grad_h)
+    return (x.new_empty((num_segments, dims["r"], dims["d_in"]), dtype=dtype),
+            x.new_empty((num_segments, dims["d_out"], dims["r"]), dtype=dtype))
+
+
+def segment_lora_gradients(x: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                           segment_ids: torch.Tensor, num_segments: int,
+                           scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-episode gradients of one LoRA layer, (grad_A (S, r, d_in), grad_B (S, d_out, r)), S = num_segments,
+    float32 (float64 for float64 inputs). Inputs as in ``influence_scores``:
+
+        grad_A[i] = sum_{t: seg_t = i} grad_h[t] x[t]^T,   grad_B[i] = scaling * sum_{t: seg_t = i} grad_y[t] h[t]^T
+
+    so grad_A.sum(0), grad_B.sum(0) are the layer's usual LoRA weight gradients (over tokens with seg_t >= 0), and
+    <grad_A[i], val_A> + <grad_B[i], val_B> = influence_scores(...)[i]. Memory: S x the layer's LoRA parameters.
+    Bad input raises ValueError naming the argument, as in ``influence_scores``.
+    """
+    check_episode_grad_inputs(x, h, grad_y, grad_h, segment_ids, num_segments, scaling)
+    check_segment_ids("segment_lora_gradients", segment_ids, num_segments)
+    return torch.ops.ippo.segment_lora_gradients(x, h, grad_y, grad_h, segment_ids, num_segments, scaling)

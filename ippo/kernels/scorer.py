@@ -264,7 +264,8 @@ class _ScoredLoRA(torch.autograd.Function):
         scorer = site.scorer
         weight = weight_A if site.val is None else torch.cat([weight_A, site.val.A.to(weight_A.dtype)])
         hv = F.linear(x, weight)  # (..., r) = h, or (..., 2r) = [h, x V_A^T]
-        keep_x = scorer.sketch_dim is not None or (scorer.lora_grads and ctx.needs_input_grad[1])
+        keep_x = (scorer.sketch_dim is not None or scorer.episode_grads
+                  or (scorer.lora_grads and ctx.needs_input_grad[1]))
         ctx.save_for_backward(x if keep_x else None, hv, weight_A, weight_B)
         ctx.scaling, ctx.site, ctx.x_shape, ctx.x_dtype = scaling, site, x.shape, x.dtype
         return F.linear(hv[..., :weight_A.shape[0]], weight_B) * scaling
@@ -286,6 +287,8 @@ class _ScoredLoRA(torch.autograd.Function):
         x2 = None if x is None else x.reshape(-1, x.shape[-1]).to(dtype)
         if site.scorer.sketch_dim is not None:
             site.add_sketches(x2, h, g, grad_h)
+        if site.scorer.episode_grads:
+            site.add_episode_grads(x2, h, g, grad_h)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_h @ weight_A.to(dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -314,6 +317,15 @@ class _Site:
             x, h, grad_y, grad_h, scorer.segment_ids, scorer.num_segments, scorer.sketch_dim, scorer.sketch_seed,
             self.index, self.scaling))
 
+    def add_episode_grads(self, x, h, grad_y, grad_h) -> None:
+        """The scorer's per-episode gradients of this layer += ``segment_lora_gradients`` (S, r, d_in), (S, d_out, r);
+        x (N, d_in), h, grad_h (N, r), grad_y (N, d_out)."""
+        scorer = self.scorer
+        grads = LoRAGrad(*torch.ops.ippo.segment_lora_gradients(x, h, grad_y, grad_h, scorer.segment_ids,
+                                                                scorer.num_segments, self.scaling))
+        held = scorer._episode_buffers.get(self.name)
+        scorer._episode_buffers[self.name] = grads if held is None else LoRAGrad(*(a + b for a, b in zip(held, grads)))
+
 
 class InfluenceScorer:
     """Context manager: per-episode influence scores, per-token scores and gradient sketches from one backward
@@ -328,6 +340,9 @@ class InfluenceScorer:
         every layer's rank r); sketch_seed: the projection's seed (an int in [0, 2**63)).
     lora_grads: False = scoring only: the LoRA weight-gradient GEMMs are skipped and the LoRA .grad are left
         untouched (gradients still flow to everything below the LoRA layers).
+    episode_grads: True = also form every episode's LoRA weight gradient in the backward (segmented GEMMs, the
+        FLOPs of the dense weight gradient; memory num_segments x the LoRA parameters), for a trainer that weights
+        episodes by their scores after one backward (``weighted_gradient``).
 
     Run the forward *and* the backward of l = sum_i l_i inside the context; then (float32, or float64 for a
     float64 model):
@@ -343,6 +358,9 @@ class InfluenceScorer:
       using projection index i (independent projections per layer). ``sketches @ sketch_gradients(val_grads,
       k, sketch_seed)`` estimates ``scores`` without bias, so a trainer can store ``sketches`` per iteration
       (with ``sketch_layers``, the layer names in projection order, and the seed) and score them later.
+    * ``episode_gradients`` (episode_grads=True): {layer: LoRAGrad(A (S, r, d_in), B (S, d_out, r))}, dl_i/dtheta
+      per episode i (``segment_lora_gradients``), so that sum_layers <G_i, V> = ``scores``[i];
+      ``weighted_gradient(w)`` = sum_i w_i dl_i/dtheta.
 
     With lora_grads=True (default) the LoRA .grad values are the usual ones. With gradient checkpointing the
     re-run forward adds nothing: everything is taken in the backward only. A scorer is entered once, one scorer
@@ -352,7 +370,7 @@ class InfluenceScorer:
 
     def __init__(self, model: torch.nn.Module, val_grads: Mapping[str, LoRAGrad] | None, segment_ids: torch.Tensor,
                  num_segments: int | None = None, *, sketch_dim: int | None = None, sketch_seed: int = 0,
-                 lora_grads: bool = True):
+                 lora_grads: bool = True, episode_grads: bool = False):
         layers = lora_linear_layers(model)
         check_index_tensor(_OP, segment_ids)
         if num_segments is None:
@@ -372,9 +390,12 @@ class InfluenceScorer:
         if sketch_dim is not None:
             check_sketch_dim(_OP, sketch_dim, {name: layer.r[adapters[name]] for name, layer in layers.items()})
             check_sketch_seed(_OP, sketch_seed)
-        if not isinstance(lora_grads, bool):
-            raise ValueError(f"{_OP}: lora_grads must be True or False; got {lora_grads!r}")
+        for flag, value in (("lora_grads", lora_grads), ("episode_grads", episode_grads)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{_OP}: {flag} must be True or False; got {value!r}")
         self.sketch_dim, self.sketch_seed, self.lora_grads = sketch_dim, sketch_seed, lora_grads
+        self.episode_grads = episode_grads
+        self._episode_buffers: dict[str, LoRAGrad] = {}
         self.sketch_layers = tuple(layers)  # projection index i = position here (sketch_layer_index)
         self.sites: dict[str, tuple[LoraLinear, str, _Site]] = {}
         weights_seen = []
@@ -432,6 +453,37 @@ class InfluenceScorer:
         if self._sketch_buffer is None:
             raise RuntimeError(f"{_OP}: sketches need sketch_dim=k; this scorer was made without it")
         return self._sketch_buffer.clone()
+
+    @property
+    def episode_gradients(self) -> dict[str, LoRAGrad]:
+        """{layer: LoRAGrad(A (S, r, d_in), B (S, d_out, r))}: each episode's gradient of its loss with respect to
+        the layer's lora_A / lora_B weights, in the model's layer order; zeros for a layer the backward did not
+        reach. float32, float64 for a float64 model (the accumulation dtype of the backward's inputs)."""
+        if not self.episode_grads:
+            raise RuntimeError(f"{_OP}: episode_gradients need episode_grads=True; this scorer was made without it")
+        out = {}
+        for name, (layer, adapter, _) in self.sites.items():
+            held = self._episode_buffers.get(name)
+            if held is None:
+                A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                held = LoRAGrad(*(torch.zeros((self.num_segments, *w.shape), dtype=accumulation_dtype(w),
+                                              device=w.device) for w in (A, B)))
+            out[name] = held
+        return out
+
+    def weighted_gradient(self, weights: torch.Tensor) -> dict[str, LoRAGrad]:
+        """{layer: LoRAGrad(sum_i w_i dl_i/dA, sum_i w_i dl_i/dB)} for (num_segments,) ``weights``: the gradient of
+        sum_i w_i l_i (needs episode_grads=True). Episodes with w_i = 0 are left out, not multiplied by 0, so a
+        non-finite gradient of a dropped episode never reaches the sum."""
+        if not isinstance(weights, torch.Tensor) or weights.shape != (self.num_segments,):
+            raise ValueError(f"{_OP}: weights must be a ({self.num_segments},) tensor, one per episode; got "
+                             f"{tuple(getattr(weights, 'shape', ())) or type(weights).__name__}")
+        used = weights.ne(0).nonzero().squeeze(1)
+        out = {}
+        for name, grads in self.episode_gradients.items():
+            w = weights[used].to(grads.A.dtype)
+            out[name] = LoRAGrad(*(torch.tensordot(w, g.index_select(0, used), dims=1) for g in grads))
+        return out
 
     def __enter__(self) -> InfluenceScorer:
         if self.entered:
