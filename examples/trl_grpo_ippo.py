@@ -5,8 +5,9 @@ kept, and the scoring time next to TRL's step time.
     .venv/bin/python examples/trl_grpo_ippo.py                 # 3 steps; 5-10 minutes on 2 shared CPU cores
     .venv/bin/python examples/trl_grpo_ippo.py --steps 10 --output-dir runs/trl-grpo-ippo
 
-Against a plain TRL script, five lines change (marked "I-PPO" below): the import, the class, the validation set
-(gold prompt/completion pairs), and the two I-PPO arguments. The model must carry peft LoRA (here via peft_config).
+Against a plain TRL script, five lines change (marked "I-PPO" below): the import, the config class (``IPPOConfig``,
+TRL's ``GRPOConfig`` plus the ``ippo_*`` fields) and its I-PPO fields, the trainer class, and the validation set (gold
+prompt/completion pairs). The model must carry peft LoRA (here via peft_config).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import re
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from trl import GRPOConfig
 
-from ippo.integrations.trl import IPPOGRPOTrainer  # I-PPO: instead of `from trl import GRPOTrainer`
+from ippo.integrations.trl import IPPOConfig, IPPOGRPOTrainer  # I-PPO: instead of `from trl import GRPOConfig, ...`
 from ippo.train.model import LORA_TARGETS, default_model_dir, load_causal_lm
 from ippo.train.tasks import Example, make_task
 
@@ -65,17 +65,17 @@ def main() -> None:
     validation = Dataset.from_list([{"prompt": task.messages(e), "completion": e.answer}
                                     for e in task.split("validation")])
 
-    config = GRPOConfig(
+    config = IPPOConfig(  # I-PPO: instead of GRPOConfig
         output_dir=args.output_dir, use_cpu=True, bf16=False, report_to="none", seed=0,
         max_steps=args.steps, per_device_train_batch_size=8, num_generations=4,  # 2 prompts x 4 completions
         max_completion_length=32, learning_rate=2e-4, logging_steps=1, save_strategy="no", disable_tqdm=True,
         gradient_checkpointing=False,  # TRL turns it on by default; on a CPU with memory to spare it only costs time
+        ippo_val_size=8, ippo_tol=0.0,  # I-PPO (defaults: 64 pairs per generation batch, tol 0)
     )
     trainer = IPPOGRPOTrainer(  # I-PPO: instead of GRPOTrainer
         model=model, reward_funcs=make_reward(task), args=config, train_dataset=train, processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"),
         validation_dataset=validation,  # I-PPO
-        ippo_val_size=8, ippo_tol=0.0,  # I-PPO (defaults: 64 pairs per generation batch, tol 0)
     )
     trainer.train()
 

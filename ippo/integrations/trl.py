@@ -1,13 +1,22 @@
 """I-PPO inside TRL: ``IPPOGRPOTrainer`` and ``IPPORLOOTrainer``, TRL's ``GRPOTrainer`` and ``RLOOTrainer`` that keep
 a completion only if a step on it lowers a validation loss.
 
-Both take TRL's own arguments and config unchanged, plus ``validation_dataset`` (rows with ``prompt`` and
-``completion``: gold answers whose SFT loss is the validation loss), ``ippo_val_size`` (pairs drawn per generation
-batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or "paper"),
-``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True; a bool, as every ``ippo_*`` keyword
-must have its own type: ``"False"`` is refused, not taken as True), and ``ippo_score`` ("raw", default; "answer",
-"adam" or "deflated", the in-house trainer's ``--score``, see "Score variants" below) with ``ippo_deflate_top``
-(default 1) and ``ippo_deflate_dim`` (default 4096) for "deflated".
+Both take TRL's own arguments unchanged, plus ``validation_dataset`` (rows with ``prompt`` and ``completion``: gold
+answers whose SFT loss is the validation loss); their config is ``IPPOConfig`` (``IPPOGRPOTrainer``) or
+``IPPORLOOConfig`` (``IPPORLOOTrainer``): TRL's ``GRPOConfig`` / ``RLOOConfig`` with every field of it, plus the I-PPO
+settings as ``ippo_*`` fields (``ippo.integrations.trl_config``, re-exported here): ``ippo_val_size`` (pairs drawn
+per generation batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or
+"paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True), ``ippo_score`` ("raw",
+default; "answer", "adam" or "deflated", the in-house trainer's ``--score``, see "Score variants" below) with
+``ippo_deflate_top`` (default 1) and ``ippo_deflate_dim`` (default 4096) for "deflated", and ``ippo_one_backward``
+(default True: take the scores and the filtered update from TRL's own backward when its conditions hold; False:
+always the two-pass path, a scoring forward+backward before TRL's). The config checks each field when it is built
+(``__post_init__``; a ValueError names the field: every field must have its own type, ``"False"`` is refused, not
+taken as True), and the trainer checks the config again. The fields are saved with TRL's other arguments
+(``to_dict()``, ``training_args.bin``, the report_to backends' config) and parsed by ``TrlParser`` /
+``HfArgumentParser`` (``--ippo_val_size 8``, or ``ippo_*`` keys of a ``--config`` YAML file). ``args`` must be such a
+config: a plain ``GRPOConfig`` / ``RLOOConfig`` (or none) is a ValueError. The constructor keywords of earlier
+versions (``IPPOGRPOTrainer(..., ippo_val_size=8)``) were removed: passing one is a TypeError naming it.
 
 ``validation_dataset`` is a ``datasets.Dataset`` or a list (tuple) of dicts; a dict of columns is refused (pass
 ``Dataset.from_dict(columns)``). Every row is checked and tokenized at construction, as TRL tokenizes prompts; a
@@ -78,7 +87,7 @@ Score variants (``ippo_score``; the in-house trainer's ``--score``, ``ippo.train
   0's result broadcast), sketch(V) = ``sketch_gradients(V, ippo_deflate_dim, 0)``; before the filter.
   ``ippo_deflate_dim`` must be a multiple of 2r for every LoRA rank r (checked at construction). A row whose score
   or sketch is not finite stays out of the SVD (and is dropped by the filter).
-* ``"centred"`` is refused at construction: it subtracts each prompt group's mean similarity, and TRL 1.16 shuffles
+* ``"centred"`` is refused by the config: it subtracts each prompt group's mean similarity, and TRL 1.16 shuffles
   the generation batch (``shuffle_sequence_dict``) before splitting it into the micro-batches the scorer sees,
   which carry no group ids (a group may also span processes); use the in-house trainer (``ippo --score centred``).
 
@@ -120,8 +129,8 @@ torchrun: the decision would silently be per process),
 ``torch.nn.DataParallel`` (several GPUs in one process), a model without peft LoRA, DoRA, LoRA layers other than
 Linear (e.g. Embedding, Conv), trainable parameters outside the LoRA A/B weights (e.g. ``modules_to_save``: the
 score would not cover them), MoE router aux loss (it couples the rows of a batch), vision-language processors, a
-negative ``ippo_tol``, an ``ippo_*`` keyword of the wrong type, a bad ``validation_dataset`` row, ``ippo_score``
-"centred" (or an unknown one), an ``ippo_deflate_dim`` that "deflated" cannot take, "adam" with DeepSpeed or a
+config other than ``IPPOConfig`` / ``IPPORLOOConfig`` (a bad ``ippo_*`` field: by the config, see above), a bad
+``validation_dataset`` row, an ``ippo_deflate_dim`` that "deflated" cannot take, "adam" with DeepSpeed or a
 non-Adam optimizer, "answer" with a row without a final answer, and a validation gradient that is zero (or not
 finite) for every LoRA parameter. Allowed but
 not yet tested: DeepSpeed ZeRO-1/2 (until a GPU run: on CPU accelerate's DeepSpeed plugin reports one process per
@@ -132,9 +141,8 @@ CUDA (the tests run TRL on CPU, 1 and 2 processes, DDP and FSDP2 with gloo).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-import math
-import numbers
 import random
 import time
 import weakref
@@ -152,6 +160,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 
+from ippo.integrations.trl_config import IPPO_FIELDS, IPPOArguments, IPPOConfig, IPPORLOOConfig
 from ippo.kernels import (
     InfluenceScorer,
     LoRAGrad,
@@ -161,12 +170,11 @@ from ippo.kernels import (
     sketch_gradients,
 )
 from ippo.kernels.scorer import differentiable_weights
-from ippo.train.config import MAX_SKETCH_DIM, SCORES, STOP_RULES
 from ippo.train.policy import ANSWER_MARK
 from ippo.train.ppo_math import evidence_stop, ippo_filter
 from ippo.train.scoring import adam_preconditioned, deflate
 
-__all__ = ["IPPOGRPOTrainer", "IPPORLOOTrainer"]
+__all__ = ["IPPOConfig", "IPPOGRPOTrainer", "IPPORLOOConfig", "IPPORLOOTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +184,6 @@ _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
 # The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made.
 _SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws")
-# The in-house trainer's --score variants that TRL can take: "centred" needs each completion's prompt group, which
-# TRL's shuffled micro-batches do not carry (refused at construction, see the module docstring).
-_SCORES = tuple(score for score in SCORES if score != "centred")
 _SKETCH_SEED = 0  # ippo_score="deflated": the sketch projection's seed (the in-house default --sketch-seed)
 
 
@@ -304,42 +309,34 @@ def _overlapping(offsets, start: int, stop: int) -> list[int]:
 class _IPPOMixin:
     """The I-PPO filter for TRL's online trainers (GRPO, RLOO); see the module docstring."""
 
-    def __init__(self, *args, validation_dataset=None, ippo_val_size: int = 64, ippo_tol: float = 0.0,
-                 ippo_stop_rule: str = "evidence", ippo_stop_patience: int = 2, ippo_stop_when_empty: bool = True,
-                 ippo_score: str = "raw", ippo_deflate_top: int = 1, ippo_deflate_dim: int = 4096, **kwargs):
-        name = type(self).__name__
+    # the config class the trainer takes (IPPOConfig, IPPORLOOConfig): set by each trainer class
+    _ippo_config_class: type[IPPOArguments]
+
+    def __init__(self, *args, validation_dataset=None, **kwargs):
+        name, config_class = type(self).__name__, self._ippo_config_class
+        removed = [key for key in kwargs if key in IPPO_FIELDS]
+        if removed:  # the constructor keywords of earlier versions
+            settings = ", ".join(f"{key}=..." for key in removed)
+            raise TypeError(f"{name}: the keyword argument(s) {', '.join(removed)} were removed from the trainer: set "
+                            f"them on the config, args={config_class.__name__}(..., {settings})")
+        config = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments.get("args")
+        if not isinstance(config, config_class):
+            trl_class = config_class.__mro__[2].__name__  # (config class, IPPOArguments, TRL's config, ...)
+            raise ValueError(f"{name}: args must be an {config_class.__name__} (TRL's {trl_class} with the I-PPO "
+                             f"settings, the ippo_* fields: from ippo.integrations.trl import {config_class.__name__}; "
+                             f"args={config_class.__name__}(output_dir=..., ...)); got "
+                             f"{'None' if config is None else type(config).__name__}")
+        config._ippo_check()  # checked at the config's construction; again here, in case a field was set since
         _check_validation_container(name, validation_dataset)
-        integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
-        if not integer(ippo_val_size) or ippo_val_size < 1:
-            raise ValueError(f"{name}: ippo_val_size must be an int >= 1; got {ippo_val_size!r}")
-        if (isinstance(ippo_tol, bool) or not isinstance(ippo_tol, numbers.Real) or not math.isfinite(ippo_tol)
-                or ippo_tol < 0):
-            raise ValueError(f"{name}: ippo_tol must be a finite number >= 0 (kept rows are weighted by s_i / mean of "
-                             f"the kept scores, which needs positive kept scores); got {ippo_tol!r}")
-        if not isinstance(ippo_stop_rule, str) or ippo_stop_rule not in STOP_RULES:
-            raise ValueError(f"{name}: ippo_stop_rule must be one of {STOP_RULES}; got {ippo_stop_rule!r}")
-        if not integer(ippo_stop_patience) or ippo_stop_patience < 1:
-            raise ValueError(f"{name}: ippo_stop_patience must be an int >= 1; got {ippo_stop_patience!r}")
-        if not isinstance(ippo_stop_when_empty, bool):
-            raise ValueError(f"{name}: ippo_stop_when_empty must be True or False; got {ippo_stop_when_empty!r}")
-        if ippo_score == "centred":
-            raise ValueError(f"{name}: ippo_score='centred' is not supported in TRL: it subtracts the mean over each "
-                             "completion's prompt group, and TRL shuffles the generation batch before splitting it "
-                             "into micro-batches and keeps no group ids; use the in-house trainer (ippo --score "
-                             f"centred), or one of {_SCORES}")
-        if not isinstance(ippo_score, str) or ippo_score not in _SCORES:
-            raise ValueError(f"{name}: ippo_score must be one of {_SCORES}; got {ippo_score!r}")
-        if not integer(ippo_deflate_top) or ippo_deflate_top < 1:
-            raise ValueError(f"{name}: ippo_deflate_top must be an int >= 1; got {ippo_deflate_top!r}")
-        if not integer(ippo_deflate_dim) or not 1 <= ippo_deflate_dim <= MAX_SKETCH_DIM:
-            raise ValueError(f"{name}: ippo_deflate_dim must be an int in [1, 2**24] (a multiple of 2r for every LoRA "
-                             f"rank r); got {ippo_deflate_dim!r}")
         super().__init__(*args, **kwargs)
         self.ippo_validation_dataset = validation_dataset
-        self.ippo_val_size, self.ippo_tol = int(ippo_val_size), float(ippo_tol)
-        self.ippo_stop_rule, self.ippo_stop_patience = ippo_stop_rule, int(ippo_stop_patience)
-        self.ippo_stop_when_empty = ippo_stop_when_empty
-        self.ippo_score, self.ippo_deflate_top, self.ippo_deflate_dim = ippo_score, ippo_deflate_top, ippo_deflate_dim
+        args = self.args
+        self.ippo_val_size, self.ippo_tol = args.ippo_val_size, args.ippo_tol
+        self.ippo_stop_rule, self.ippo_stop_patience = args.ippo_stop_rule, args.ippo_stop_patience
+        self.ippo_stop_when_empty = args.ippo_stop_when_empty
+        self.ippo_score, self.ippo_deflate_top, self.ippo_deflate_dim = (args.ippo_score, args.ippo_deflate_top,
+                                                                         args.ippo_deflate_dim)
+        self.ippo_one_backward = args.ippo_one_backward
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop
         self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
@@ -819,22 +816,31 @@ class IPPOGRPOTrainer(_IPPOMixin, GRPOTrainer):
     loss is above ``ippo_tol``, weights the kept ones by score / mean kept score, stops when none is kept
     (``ippo_stop_rule``).
 
-    Extra keyword arguments (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (a ``datasets.Dataset`` or
+    ``args`` must be an :class:`IPPOConfig` (TRL's ``GRPOConfig`` plus the I-PPO settings; a plain ``GRPOConfig``
+    or none is a ValueError): ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol`` (default 0.0),
+    ``ippo_stop_rule`` ("evidence" or "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty``
+    (default True, a bool), ``ippo_score`` ("raw", default; "answer": V of the final answers after ``####``, every
+    validation completion must have one, else a ValueError naming ``validation_dataset`` and the row at
+    construction; "adam": V preconditioned by the optimizer's second moment; "deflated": minus the generation
+    batch's top ``ippo_deflate_top`` (1) gradient directions from ``ippo_deflate_dim``-wide (4096, a multiple of 2r)
+    sketches; "centred" is refused: TRL's micro-batches carry no prompt groups), ``ippo_one_backward`` (default
+    True). The constructor keywords of earlier versions (``ippo_val_size=...`` etc.) were removed: passing one is a
+    TypeError that says to set it on the config.
+
+    Extra keyword argument (everything else is ``GRPOTrainer``'s): ``validation_dataset`` (a ``datasets.Dataset`` or
     a list of rows with ``prompt`` and ``completion``, the gold answers; every row is checked at construction, the
-    completion cut to ``max_completion_length`` tokens, the prompt to ``max_prompt_length`` if the config has one),
-    ``ippo_val_size`` (pairs per generation batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule``
-    ("evidence" or "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True, a bool),
-    ``ippo_score`` ("raw", default; "answer": V of the final answers after ``####``, every validation completion
-    must have one, else a ValueError naming ``validation_dataset`` and the row at construction; "adam": V
-    preconditioned by the optimizer's second moment; "deflated": minus the generation batch's top
-    ``ippo_deflate_top`` (1) gradient directions from ``ippo_deflate_dim``-wide (4096, a multiple of 2r) sketches;
-    "centred" is refused: TRL's micro-batches carry no prompt groups). See ``ippo.integrations.trl``'s docstring.
+    completion cut to ``max_completion_length`` tokens, the prompt to ``max_prompt_length`` if the config has one).
+    See ``ippo.integrations.trl``'s docstring.
     """
 
     _tag_names = ["trl", "grpo", "ippo"]
+    _ippo_config_class = IPPOConfig
 
 
 class IPPORLOOTrainer(_IPPOMixin, RLOOTrainer):
-    """TRL's ``RLOOTrainer`` with the I-PPO filter; same extra arguments as :class:`IPPOGRPOTrainer`."""
+    """TRL's ``RLOOTrainer`` with the I-PPO filter; ``args`` must be an :class:`IPPORLOOConfig` (TRL's ``RLOOConfig``
+    plus the same ``ippo_*`` fields as :class:`IPPOConfig`), and the same ``validation_dataset`` as
+    :class:`IPPOGRPOTrainer`."""
 
     _tag_names = ["trl", "rloo", "ippo"]
+    _ippo_config_class = IPPORLOOConfig

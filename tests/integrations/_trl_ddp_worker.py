@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _trl_tiny import RecordingGRPO, lora_state, make_trainer  # noqa: E402
 
-# The run's shared settings; the test builds its 1-process reference with the same ones.
+# The run's shared settings (make_trainer's: IPPOConfig fields, the ippo_* ones among them); the test builds its
+# 1-process reference with the same ones.
 SETTINGS = dict(loss_type="dapo", beta=0.04, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 ippo_val_size=4, perturb=True)
-# The runs with ippo_score (the "scores" mode): {run: (keywords, max_steps, forced scores)}.
+# The runs with ippo_score (the "scores" mode): {run: (IPPOConfig fields, max_steps, forced scores)}.
 SCORE_RUNS = {"deflated": (dict(ippo_score="deflated", ippo_deflate_dim=8, ippo_deflate_top=2), 1, None),
               "adam": (dict(ippo_score="adam", adam_beta2=0.9, adam_epsilon=1e-4), 2, lambda s, t: torch.ones_like(s))}
 
@@ -31,7 +32,7 @@ def forced(values):
 
 
 def runs(mode: str):
-    """(name, trainer keywords) of every run of ``mode``."""
+    """(name, make_trainer keywords: IPPOConfig fields and force_scores) of every run of ``mode``."""
     if mode == "scores":
         return [(name, dict(max_steps=steps, force_scores=force, **kwargs))
                 for name, (kwargs, steps, force) in SCORE_RUNS.items()]

@@ -32,6 +32,7 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "fal
             "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
             "FSDP_SYNC_MODULE_STATES": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen2DecoderLayer",
             "FSDP_USE_ORIG_PARAMS": "true", "FSDP_VERSION": "2"}
+# Each run's make_trainer keywords (IPPOConfig / IPPORLOOConfig fields, the ippo_* ones among them, and force_scores).
 # "mixed" also scores with ippo_score="deflated" (before the forced scores replace them) and draws 5 validation pairs,
 # 3 for rank 0 and 2 for rank 1: with 2 pairs per forward, rank 1 runs a forward on a masked pair to keep FSDP2's
 # collectives matched (without it, the run hangs)

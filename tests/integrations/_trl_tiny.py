@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, RLOOConfig
 
-from ippo.integrations.trl import IPPOGRPOTrainer, IPPORLOOTrainer
+from ippo.integrations.trl import IPPOConfig, IPPOGRPOTrainer, IPPORLOOConfig, IPPORLOOTrainer
 from ippo.kernels import LoRAGrad, lora_weights
 from ippo.testing import tiny_tokenizer
 
@@ -75,7 +75,7 @@ def validation_dataset() -> Dataset:
     return Dataset.from_list(VALIDATION)
 
 
-def config(output_dir, cls=GRPOConfig, **overrides):
+def config(output_dir, cls=IPPOConfig, **overrides):
     base = dict(output_dir=str(output_dir), use_cpu=True, report_to="none", bf16=False, fp16=False,
                 gradient_checkpointing=False, max_completion_length=4, num_generations=2, per_device_train_batch_size=4,
                 max_steps=1, logging_steps=1, save_strategy="no", seed=0, learning_rate=1e-2, disable_tqdm=True,
@@ -162,18 +162,19 @@ RecordingRLOO = recording(IPPORLOOTrainer)
 
 
 def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, perturb=False, ippo=True, **overrides):
-    """A trainer of class ``cls`` on the tiny model; ``overrides`` go to the config, except the trainer keywords
-    (validation_dataset, reward_funcs, ippo_*, force_scores)."""
+    """A trainer of class ``cls`` on the tiny model; ``overrides`` go to the config (an ``IPPOConfig``, or
+    ``IPPORLOOConfig`` for an RLOO trainer: the ``ippo_*`` settings among them; with ``ippo=False``, for a plain TRL
+    trainer, TRL's ``GRPOConfig`` / ``RLOOConfig``), except the trainer keywords (validation_dataset, reward_funcs,
+    force_scores)."""
     tok = tok or tokenizer()
     model = model if model is not None else tiny_model(tok)
-    trainer_keys = {"ippo_val_size", "ippo_tol", "ippo_stop_rule", "ippo_stop_patience", "ippo_stop_when_empty",
-                    "ippo_score", "ippo_deflate_top", "ippo_deflate_dim", "force_scores", "validation_dataset",
-                    "reward_funcs"}
+    trainer_keys = {"force_scores", "validation_dataset", "reward_funcs"}
     extra = {k: overrides.pop(k) for k in list(overrides) if k in trainer_keys}
     if ippo:
         extra.setdefault("validation_dataset", validation_dataset())
     if config_cls is None:
-        config_cls = RLOOConfig if "RLOO" in cls.__name__ else GRPOConfig
+        rloo = "RLOO" in cls.__name__
+        config_cls = (IPPORLOOConfig if rloo else IPPOConfig) if ippo else (RLOOConfig if rloo else GRPOConfig)
     args = config(output_dir, cls=config_cls, **overrides)
     extra.setdefault("reward_funcs", reward)
     trainer = cls(model=model, args=args, train_dataset=train_dataset(overrides.get("n", 8)),

@@ -27,6 +27,7 @@ from _trl_tiny import (
     RecordingGRPO,
     RecordingRLOO,
     check_one_process_union,
+    config,
     load_lora_state,
     lora_state,
     make_trainer,
@@ -262,12 +263,12 @@ def test_evidence_rule_drops_rows_without_signal(tmp_path):
     assert any(0 < f < 1 for f in fractions), f"the test needs rows with and without signal: {fractions}"
 
 
-def test_stop_arguments_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="ippo_stop_rule"):
-        make_trainer(IPPOGRPOTrainer, tmp_path, ippo_stop_rule="never")
+def test_stop_arguments_are_checked(tmp_path):  # by the config (every field: test_integrations_trl_args.py)
+    with pytest.raises(ValueError, match="IPPOConfig: ippo_stop_rule"):
+        config(tmp_path, ippo_stop_rule="never")
     for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="ippo_stop_patience"):
-            make_trainer(IPPOGRPOTrainer, tmp_path, ippo_stop_patience=bad)
+        with pytest.raises(ValueError, match="IPPOConfig: ippo_stop_patience"):
+            config(tmp_path, ippo_stop_patience=bad)
 
 
 def test_scored_once_per_generation_batch(tmp_path):  # (f)
@@ -343,10 +344,12 @@ def test_refuses_sharded_and_bad_arguments(tmp_path):
         trainer._ippo_lora_weights()
     trainer.accelerator, trainer.is_deepspeed_enabled = accelerator, False
     for kwargs, match in [({"validation_dataset": None}, "validation_dataset is required"),
-                          ({"validation_dataset": Dataset.from_list([{"prompt": "1+1="}])}, "'completion'"),
-                          ({"ippo_tol": -0.1}, "ippo_tol"), ({"ippo_val_size": 0}, "ippo_val_size")]:
+                          ({"validation_dataset": Dataset.from_list([{"prompt": "1+1="}])}, "'completion'")]:
         with pytest.raises(ValueError, match=match):
             make_trainer(IPPOGRPOTrainer, tmp_path, **kwargs)
+    for kwargs, match in [({"ippo_tol": -0.1}, "IPPOConfig: ippo_tol"), ({"ippo_val_size": 0}, "ippo_val_size")]:
+        with pytest.raises(ValueError, match=match):
+            config(tmp_path, **kwargs)
 
 
 def test_zero_validation_gradient_is_an_error(tmp_path):
@@ -395,10 +398,11 @@ def test_rloo_stops(tmp_path):
 def test_uses_the_shared_functions(tmp_path, monkeypatch):
     # the filter's math is ippo.train.ppo_math's, the LoRA lookup and the checks ippo.kernels' (no copies in trl.py)
     import ippo.integrations.trl as module
+    import ippo.integrations.trl_config as config_module
     from ippo import kernels
     from ippo.train import config, ppo_math
 
-    assert module.STOP_RULES is config.STOP_RULES
+    assert config_module.STOP_RULES is config.STOP_RULES and config_module.SCORES is config.SCORES
     calls = {}
 
     def spy(name, function):

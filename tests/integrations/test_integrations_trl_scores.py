@@ -15,6 +15,7 @@ from _trl_tiny import (
     VALIDATION,
     RecordingGRPO,
     check_one_process_union,
+    config,
     final_answer_positions,
     load_lora_state,
     make_trainer,
@@ -231,12 +232,17 @@ def test_two_process_scores(tmp_path):
     (dict(ippo_deflate_dim=8.0), r"ippo_deflate_dim must be an int"),
     (dict(ippo_deflate_dim="8"), r"ippo_deflate_dim must be an int"),
     (dict(ippo_deflate_dim=2**25), r"ippo_deflate_dim must be an int in \[1, 2\*\*24\]"),
-    (dict(ippo_score="deflated", ippo_deflate_dim=6), r"ippo_deflate_dim must be a multiple of 2r .*\[4\].*got 6"),
 ], ids=["unknown", "none", "list", "centred", "top-0", "top-float", "top-bool", "top-str", "dim-0", "dim-float",
-        "dim-str", "dim-too-wide", "dim-not-multiple-of-2r"])
-def test_score_keywords_are_checked(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match) as error:
-        make_trainer(IPPOGRPOTrainer, tmp_path, **kwargs)
+        "dim-str", "dim-too-wide"])
+def test_score_keywords_are_checked(tmp_path, kwargs, match):  # by the config (test_integrations_trl_args.py: all)
+    with pytest.raises(ValueError, match=r"^IPPOConfig: " + match) as error:
+        config(tmp_path, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_deflate_dim_must_fit_the_lora_ranks(tmp_path):  # by the trainer, which knows the ranks
+    with pytest.raises(ValueError, match=r"ippo_deflate_dim must be a multiple of 2r .*\[4\].*got 6") as error:
+        make_trainer(IPPOGRPOTrainer, tmp_path, ippo_score="deflated", ippo_deflate_dim=6)
     assert "\n" not in str(error.value)
 
 
