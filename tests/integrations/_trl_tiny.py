@@ -172,6 +172,8 @@ def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, pert
     extra = {k: overrides.pop(k) for k in list(overrides) if k in trainer_keys}
     if ippo:
         extra.setdefault("validation_dataset", validation_dataset())
+        # the tests here record and check the two-pass path's filter; test_integrations_trl_one_backward.py the other
+        overrides.setdefault("ippo_one_backward", False)
     if config_cls is None:
         rloo = "RLOO" in cls.__name__
         config_cls = (IPPORLOOConfig if rloo else IPPOConfig) if ippo else (RLOOConfig if rloo else GRPOConfig)
@@ -182,6 +184,36 @@ def make_trainer(cls, output_dir, *, model=None, tok=None, config_cls=None, pert
     if perturb:
         perturb_adapter(trainer.model)
     return trainer
+
+
+def float64_exact(trainer) -> None:
+    """Test only: makes the tiny float64 model's training loss float64 throughout, so that two computations that
+    differ only in where a float64 factor enters (the advantage weights before or after the backward) agree to
+    float64 rounding. Three steps of it round in float32 whatever the model's dtype: TRL's per-token log-probs (its
+    chunked LM-head kernel), replaced here by a log_softmax of the model's own logits; Qwen2's RMSNorm (it
+    normalizes in float32), replaced by the same formula in the input's dtype; and TRL's advantages (float32, so the
+    two-pass path's weighted advantages are rounded to float32), cast to float64. Through any of them the gradient of
+    sum_i w_i l_i equals sum_i w_i dl_i/dtheta only to ~1e-7 relative."""
+
+    def per_token(model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+                  compute_aux_loss=False, **kwargs):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -logits_to_keep - 1:-1]
+        logp = (logits / trainer.temperature).log_softmax(-1)
+        token = logp.gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
+        return token, -(logp.exp() * logp).sum(-1) if compute_entropy else None, None
+
+    def rms_norm(module):
+        return lambda x: module.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+
+    def float64_advantages(generate):
+        return lambda *args, **kwargs: {**(out := generate(*args, **kwargs)),
+                                        "advantages": out["advantages"].to(torch.float64)}
+
+    trainer._get_per_token_logps_and_entropies = per_token
+    trainer._generate_and_score_completions = float64_advantages(trainer._generate_and_score_completions)
+    for module in trainer.model.modules():
+        if type(module).__name__ == "Qwen2RMSNorm":
+            module.forward = rms_norm(module)
 
 
 class RowGate:
