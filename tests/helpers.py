@@ -80,6 +80,23 @@ def batch(episodes, padding="right", row_length=None):
     return tuple(t.to(DEVICE) for t in (input_ids, targets, weights, mask, position_ids, segment_ids))
 
 
+def packed_token_model():
+    """(model, x (1, 40, 12), weights (1, 40, 9), segment_ids (1, 40)) in float64: a token-wise MLP (it mixes no
+    tokens) with LoRA r=5 on both Linears, and one packed row whose tokens interleave episodes 0..5 and padding (-1)
+    in random order; the loss is (model(x) * weights).sum()."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 9)).double().to(DEVICE)
+    model = get_peft_model(base, LoraConfig(r=5, lora_alpha=3, target_modules=["0", "2"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    x = torch.randn(1, 40, 12, dtype=torch.float64, device=DEVICE)
+    weights = torch.randn(1, 40, 9, dtype=torch.float64, device=DEVICE)
+    return model, x, weights, torch.randint(-1, 6, (1, 40), device=DEVICE)
+
+
 def val_grads_of(model, seed=99):
     return validation_gradients(model, episode_losses(model, *batch(random_episodes([10, 6, 8], seed=seed))[:5]).sum())
 

@@ -5,7 +5,7 @@ segments, empty and one-token episodes, non-finite rows kept out of ``weighted_g
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import LENGTHS, batch, random_episodes, random_inputs, tiny_model, val_grads_of
+from helpers import LENGTHS, batch, packed_token_model, random_episodes, random_inputs, tiny_model, val_grads_of
 
 from ippo.kernels import InfluenceScorer, segment_lora_gradients
 from ippo.kernels.scorer import lora_weights
@@ -77,17 +77,7 @@ def test_weighted_gradient_leaves_out_zero_weight_episodes():
 
 def test_packed_unsorted_segments(backend):
     """One packed row whose tokens interleave episodes and padding (a token-wise model mixes no tokens)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 9)).double().to(DEVICE)
-    model = get_peft_model(base, LoraConfig(r=5, lora_alpha=3, target_modules=["0", "2"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
-    x = torch.randn(1, 40, 12, dtype=torch.float64, device=DEVICE)
-    weights = torch.randn(1, 40, 9, dtype=torch.float64, device=DEVICE)
-    segment_ids = torch.randint(-1, 6, (1, 40), device=DEVICE)
+    model, x, weights, segment_ids = packed_token_model()
     with InfluenceScorer(model, None, segment_ids, num_segments=7, sketch_dim=20, episode_grads=True) as scorer:
         (model(x) * weights).sum().backward()
     params = [p for pair in lora_weights(model).values() for p in pair]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import LENGTHS, batch, random_episodes, tiny_model, val_grads_of
+from helpers import LENGTHS, batch, packed_token_model, random_episodes, tiny_model, val_grads_of
 
 from ippo.kernels import InfluenceScorer, sketch_gradients, sketch_layer_index
 from ippo.kernels.scorer import lora_linear_layers, lora_weights
@@ -43,17 +43,7 @@ def test_scorer_sketches_equal_per_episode_loop_sketches(backend, padding):
 
 def test_packed_unsorted_segments(backend):
     """One packed row whose tokens interleave episodes (a token-wise model mixes no tokens)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 9)).double().to(DEVICE)
-    model = get_peft_model(base, LoraConfig(r=5, lora_alpha=3, target_modules=["0", "2"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
-    x = torch.randn(1, 40, 12, dtype=torch.float64, device=DEVICE)
-    weights = torch.randn(1, 40, 9, dtype=torch.float64, device=DEVICE)
-    segment_ids = torch.randint(-1, 6, (1, 40), device=DEVICE)
+    model, x, weights, segment_ids = packed_token_model()
     with InfluenceScorer(model, None, segment_ids, num_segments=7, sketch_dim=20, sketch_seed=1) as scorer:
         (model(x) * weights).sum().backward()
     names = list(lora_weights(model))

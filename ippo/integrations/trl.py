@@ -189,11 +189,11 @@ from ippo.kernels import (
     InfluenceScorer,
     LoRAGrad,
     check_validation_gradient,
+    differentiable_weights,
     lora_weights,
     segment_ids_from_mask,
     sketch_gradients,
 )
-from ippo.kernels.scorer import differentiable_weights
 from ippo.train.policy import ANSWER_MARK
 from ippo.train.ppo_math import evidence_stop, ippo_filter
 from ippo.train.scoring import adam_preconditioned, deflate

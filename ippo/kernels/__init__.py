@@ -9,6 +9,7 @@ from ippo.kernels.scorer import (
     InfluenceScorer,
     LoRAGrad,
     check_validation_gradient,
+    differentiable_weights,
     lora_weights,
     segment_ids_from_mask,
     sketch_gradients,
@@ -16,6 +17,6 @@ from ippo.kernels.scorer import (
     validation_gradients,
 )
 
-__all__ = ["InfluenceScorer", "LoRAGrad", "check_validation_gradient", "gradient_sketches", "influence_scores",
-           "lora_weights", "segment_ids_from_mask", "segment_lora_gradients", "sketch_gradients", "sketch_layer_index",
-           "sketch_lora_gradient", "validation_gradients"]
+__all__ = ["InfluenceScorer", "LoRAGrad", "check_validation_gradient", "differentiable_weights", "gradient_sketches",
+           "influence_scores", "lora_weights", "segment_ids_from_mask", "segment_lora_gradients", "sketch_gradients",
+           "sketch_layer_index", "sketch_lora_gradient", "validation_gradients"]

@@ -137,8 +137,7 @@ def validation_gradient(lm: nn.Module, tokenizer, task: Task, examples: list[Exa
     parameters sharded by FSDP2 the gradient is taken as ``ippo.kernels.validation_gradients`` takes it (with
     respect to the all-gathered weights the forward used): full plain tensors, this process's, no communication.
     """
-    from ippo.kernels import check_validation_gradient, lora_weights
-    from ippo.kernels.scorer import differentiable_weights
+    from ippo.kernels import check_validation_gradient, differentiable_weights, lora_weights
 
     layers = lora_weights(lm)
     params = [w for pair in layers.values() for w in pair]
