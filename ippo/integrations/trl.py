@@ -94,25 +94,25 @@ Score variants (``ippo_score``; the in-house trainer's ``--score``, ``ippo.train
 With ``steps_per_generation`` > 1 or ``num_iterations`` > 1, the generation batch is scored once, when TRL generates
 it, and its reweighted advantages serve every micro-batch and iteration that reuses it.
 
-Two paths compute this. The steps above are the **two-pass** path: a scoring forward+backward of every completion
-before TRL's own. The **one-backward** path (``ippo_one_backward=True``, the default, whenever its conditions hold)
-needs no scoring pass: V is taken as in step 1, then each micro-batch's forward and backward of TRL's loss (with the
-advantages TRL computed) run once inside ``InfluenceScorer(episode_grads=True)``, which gives every row's score s_i
-and its LoRA gradient G_i = dl_i/dtheta (segmented GEMMs: the dense weight gradient's FLOPs; extra memory: one LoRA
-gradient per row of the micro-batch). The micro-batch's kept rows (the rule of step 3, which is per row) add
-sum_i [kept_i] s_i G_i to the LoRA ``.grad``; after the generation batch's last micro-batch, the ``.grad`` are divided
-by mean(kept s) over every process's rows (one all-reduce of the counts) and summed over processes (one all-reduce
-of the LoRA gradients; DDP's own reduction never runs, the forward uses the unwrapped model), before the Trainer's
-clipping and optimizer step. Because the loss is positively homogeneous in the advantage, this is the gradient of
-the two-pass path's reweighted loss: the LoRA weights after each step are the same (tested to 1e-10 relative in
-float64 for grpo, dapo, bnpo, dr_grpo and RLOO, 1 and 2 processes). Its conditions: ``num_iterations == 1``,
-``steps_per_generation == gradient_accumulation_steps`` (the generation batch is one optimizer step), GRPO's
-``beta == 0`` and no entropy bonus (terms that do not scale with the advantage; RLOO puts its KL in the reward), a
-``loss_type`` among grpo, dapo, bnpo, dr_grpo (the tested ones), no vLLM, no Liger loss, no FSDP or DeepSpeed, and
-``ippo_score != "deflated"`` (it needs every row's sketch before any weight). Otherwise the two-pass path runs;
-``trainer.ippo_path`` says which, and ``train()`` logs it once with the reason for a fallback. On the one-backward
-path TRL's logged ``loss`` is that of the unfiltered advantages, and ``ippo/scoring_seconds`` times V and the
-combination of the rows' gradients (the scored backward itself is TRL's step).
+Two paths compute this. The steps above are the **two-pass** path: a scoring forward+backward of every completion before
+TRL's own. The **one-backward** path (``ippo_one_backward=True``, the default, whenever its conditions hold) needs no
+scoring pass: V is taken as in step 1, then each micro-batch's forward and backward of TRL's loss (with the advantages
+TRL computed) run once inside ``InfluenceScorer(episode_grads=True)``, which gives every row's score s_i and its LoRA
+gradient G_i = dl_i/dtheta (segmented GEMMs: the dense weight gradient's FLOPs; extra memory: one LoRA gradient per row
+of the micro-batch). The micro-batch's kept rows (the rule of step 3, which is per row) add sum_i [kept_i] s_i G_i to
+the LoRA ``.grad``; after the generation batch's last micro-batch, the ``.grad`` are divided by mean(kept s) over every
+process's rows (one all-reduce of the counts) and summed over processes (one all-reduce of the LoRA gradients; DDP's own
+reduction never runs, the forward uses the unwrapped model), before the Trainer's clipping and optimizer step. Because
+the loss is positively homogeneous in the advantage, this is the gradient of the two-pass path's reweighted loss: the
+LoRA weights after each step are the same (tested to 1e-10 relative in float64 for grpo, dapo, bnpo, dr_grpo and RLOO, 1
+and 2 processes). Its conditions: ``num_iterations == 1``, ``steps_per_generation == gradient_accumulation_steps`` (the
+generation batch is one optimizer step), GRPO's ``beta == 0`` and no entropy bonus (terms that do not scale with the
+advantage; RLOO puts its KL in the reward), a ``loss_type`` among grpo, dapo, bnpo, dr_grpo (the tested ones), no vLLM,
+no Liger loss, no FSDP or DeepSpeed, and ``ippo_score != "deflated"`` (it needs every row's sketch before any weight),
+no reentrant gradient checkpointing. Otherwise the two-pass path runs; ``trainer.ippo_path`` says which, and ``train()``
+logs it once with the reason for a fallback. On the one-backward path TRL's logged ``loss`` is that of the unfiltered
+advantages, and ``ippo/scoring_seconds`` times V and the combination of the rows' gradients (the scored backward itself
+is TRL's step).
 
 A generation batch of which nothing is kept (on any process) makes no optimizer step, on either path
 (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for it, as at the stop below): a step on zero policy
@@ -813,6 +813,8 @@ class _IPPOMixin:
             (self.is_fsdp_enabled, "FSDP (the LoRA gradients are sharded)"),
             (self.is_deepspeed_enabled, "DeepSpeed (its engine runs the backward)"),
             (self.ippo_score == "deflated", "ippo_score='deflated' (it needs every row's sketch before any weight)"),
+            (args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"),
+             "reentrant gradient checkpointing (torch.autograd.grad cannot run through it)"),
         ]
         return next((reason for failed, reason in checks if failed), None)
 

@@ -58,6 +58,16 @@ def test_one_backward_equals_two_pass(tmp_path, cls, settings, steps):
     assert len(one.optimizer.state) == len(two.optimizer.state) > 0
 
 
+def test_one_backward_with_gradient_checkpointing(tmp_path):
+    """TRL's default gradient checkpointing (non-reentrant): the re-run forward adds nothing to the scores or to the
+    rows' gradients."""
+    settings = dict(max_steps=2, gradient_checkpointing=True)
+    two, before, two_final = trained(IPPOGRPOTrainer, tmp_path / "two", False, **settings)
+    one, _, one_final = trained(IPPOGRPOTrainer, tmp_path / "one", True, **settings)
+    assert one.ippo_path == "one-backward" and one.args.gradient_checkpointing
+    assert_same_weights(two_final, one_final, before, rtol=1e-10)
+
+
 def test_one_backward_through_trls_float32_log_probs(tmp_path):
     """With TRL's own (float32) log-prob kernel the paths agree to float32 rounding (SGD, so the update is the
     gradient: Adam's first step divides by |g| and turns tiny rounding differences of tiny gradients into sign
@@ -98,6 +108,8 @@ FALLBACKS = {
     "entropy": (dict(entropy_coef=0.01), "entropy bonus"),
     "loss_type": (dict(loss_type="sapo"), "loss_type='sapo'"),
     "deflated": (dict(ippo_score="deflated", ippo_deflate_dim=8), "ippo_score='deflated'"),
+    "reentrant": (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+                  "reentrant gradient checkpointing"),
 }
 
 
