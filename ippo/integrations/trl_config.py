@@ -55,8 +55,9 @@ class IPPOArguments:
             `ippo_score="deflated"`: the sketch width, in [1, 2**24] and a multiple of 2r for every LoRA rank r (that
             is checked by the trainer, which knows the ranks).
         ippo_one_backward (`bool`, *optional*, defaults to `True`):
-            Take the scores and the filtered update from TRL's own backward when its conditions hold; False: always
-            the two-pass path (a scoring forward+backward before TRL's).
+            Take the scores and the filtered update from TRL's own backward when its conditions hold (see
+            ``ippo.integrations.trl``'s docstring); False: always the two-pass path (a scoring forward+backward
+            before TRL's).
     """
 
     ippo_val_size: int = field(
@@ -103,9 +104,10 @@ class IPPOArguments:
         default=True,
         metadata={"help": "Take the scores and the filtered update from TRL's own backward when its conditions hold "
                           "(num_iterations=1, steps_per_generation == gradient_accumulation_steps, beta=0, no "
-                          "entropy bonus, a loss that scales with the advantage, no FSDP, ippo_score != "
-                          "'deflated'); False: always the two-pass path (a scoring forward+backward before TRL's). "
-                          "The path taken and the reason for a fallback are logged once."},
+                          "entropy bonus, loss_type grpo/dapo/bnpo/dr_grpo or RLOO, no vLLM, Liger, FSDP, DeepSpeed "
+                          "or reentrant gradient checkpointing, ippo_score != 'deflated'); False: always the "
+                          "two-pass path (a scoring forward+backward before TRL's). The path taken and the reason "
+                          "for a fallback are logged once (trainer.ippo_path)."},
     )
 
     def __post_init__(self):
