@@ -894,6 +894,7 @@ class _IPPOMixin:
     def train(self, *args, **kwargs):
         # a fresh I-PPO state; a resume then restores the checkpoint's (_load_callback_state)
         self.ippo_stopped, self._ippo_streak, self._ippo_draws, self._ippo_skip_steps = False, 0, 0, False
+        self._ippo_micro_batches = 0
         reason = self._ippo_fallback_reason()
         self.ippo_path = "two-pass" if reason else "one-backward"
         if reason is None:
