@@ -99,20 +99,21 @@ TRL's own. The **one-backward** path (``ippo_one_backward=True``, the default, w
 scoring pass: V is taken as in step 1, then each micro-batch's forward and backward of TRL's loss (with the advantages
 TRL computed) run once inside ``InfluenceScorer(episode_grads=True)``, which gives every row's score s_i and its LoRA
 gradient G_i = dl_i/dtheta (segmented GEMMs: the dense weight gradient's FLOPs; extra memory: one LoRA gradient per row
-of the micro-batch). The micro-batch's kept rows (the rule of step 3, which is per row) add sum_i [kept_i] s_i G_i to
-the LoRA ``.grad``; after the generation batch's last micro-batch, the ``.grad`` are divided by mean(kept s) over every
-process's rows (one all-reduce of the counts) and summed over processes (one all-reduce of the LoRA gradients; DDP's own
-reduction never runs, the forward uses the unwrapped model), before the Trainer's clipping and optimizer step. Because
-the loss is positively homogeneous in the advantage, this is the gradient of the two-pass path's reweighted loss: the
-LoRA weights after each step are the same (tested to 1e-10 relative in float64 for grpo, dapo, bnpo, dr_grpo and RLOO, 1
-and 2 processes). Its conditions: ``num_iterations == 1``, ``steps_per_generation == gradient_accumulation_steps`` (the
-generation batch is one optimizer step), GRPO's ``beta == 0`` and no entropy bonus (terms that do not scale with the
-advantage; RLOO puts its KL in the reward), a ``loss_type`` among grpo, dapo, bnpo, dr_grpo (the tested ones), no vLLM,
-no Liger loss, no FSDP or DeepSpeed, and ``ippo_score != "deflated"`` (it needs every row's sketch before any weight),
-no reentrant gradient checkpointing. Otherwise the two-pass path runs; ``trainer.ippo_path`` says which, and ``train()``
-logs it once with the reason for a fallback. On the one-backward path TRL's logged ``loss`` is that of the unfiltered
-advantages, and ``ippo/scoring_seconds`` times V and the combination of the rows' gradients (the scored backward itself
-is TRL's step).
+of the micro-batch, and up to as much again while the kept rows' are summed). The micro-batch's kept rows (the rule of
+step 3, which is per row) add sum_i [kept_i] s_i G_i to the LoRA ``.grad``; after the generation batch's last
+micro-batch, the ``.grad`` are divided by mean(kept s) over every process's rows (one all-reduce of the counts) and
+summed over processes (one all-reduce of the LoRA gradients; DDP's own reduction never runs, the forward uses the
+unwrapped model), before the Trainer's clipping and optimizer step. Because the loss is positively homogeneous in the
+advantage, this is the gradient of the two-pass path's reweighted loss: the LoRA weights after each step are the same
+(tested to 1e-10 relative in float64 for grpo, dapo, bnpo, dr_grpo and RLOO, 1 and 2 processes). Its conditions:
+``num_iterations == 1``, ``steps_per_generation == gradient_accumulation_steps`` (the generation batch is one optimizer
+step), GRPO's ``beta == 0`` and no entropy bonus (terms that do not scale with the advantage; RLOO puts its KL in the
+reward), a ``loss_type`` among grpo, dapo, bnpo, dr_grpo (the tested ones), no vLLM, no Liger loss, no FSDP or
+DeepSpeed, and ``ippo_score != "deflated"`` (it needs every row's sketch before any weight), no reentrant gradient
+checkpointing, no fp16 loss scaling, no LOMO optimizer. Otherwise the two-pass path runs; ``trainer.ippo_path`` says
+which, and ``train()`` logs it once with the reason for a fallback. On the one-backward path TRL's logged ``loss`` is
+that of the unfiltered advantages, and ``ippo/scoring_seconds`` times V and the combination of the rows' gradients (the
+scored backward itself is TRL's step).
 
 A generation batch of which nothing is kept (on any process) makes no optimizer step, on either path
 (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for it, as at the stop below): a step on zero policy
@@ -123,12 +124,13 @@ Intrinsic stop (with ``ippo_stop_when_empty``): ``ippo_stop_rule="paper"`` stops
 no row is kept on any process. ``"evidence"`` (the default) stops after ``ippo_stop_patience`` generation batches in a
 row that carry reward signal (a row with non-zero advantage on some process) and keep none of it; a batch without signal
 (every group's rewards equal: nothing for the scores to judge) neither counts nor breaks the streak, and keeps nothing
-(so it makes no optimizer step, see above). At the stop, the micro-batches of that batch run no forward/backward, the
-optimizer step that closes the current accumulation window is skipped (``optimizer.step`` and ``lr_scheduler.step`` are
-no-ops for that one step, so parameters, optimizer and scheduler state are those of the last update; gradients
-accumulated earlier in that window are discarded), and training stops: the Trainer logs that step
-(``ippo/kept_fraction`` 0) and saves its final checkpoint as it does at ``max_steps`` (``save_strategy="steps"``;
-"epoch" saves at the epoch end as usual). ``trainer.ippo_stopped`` is then True. ``global_step`` counts that window.
+(so it makes no optimizer step, see above). At the stop, the micro-batches of that batch run no forward/backward
+(two-pass path; on the one-backward path the stop is decided after they ran), the optimizer step that closes the current
+accumulation window is skipped (``optimizer.step`` and ``lr_scheduler.step`` are no-ops for that one step, so
+parameters, optimizer and scheduler state are those of the last update; gradients accumulated earlier in that window are
+discarded), and training stops: the Trainer logs that step (``ippo/kept_fraction`` 0) and saves its final checkpoint as
+it does at ``max_steps`` (``save_strategy="steps"``; "epoch" saves at the epoch end as usual). ``trainer.ippo_stopped``
+is then True. ``global_step`` counts that window.
 
 Checkpoints and resume: the I-PPO state (the stop flag ``ippo_stopped``, the evidence rule's streak, and the number
 of validation draws made, which seeds the next draw) is written into every TRL checkpoint, in trainer_state.json's
@@ -815,6 +817,10 @@ class _IPPOMixin:
             (self.ippo_score == "deflated", "ippo_score='deflated' (it needs every row's sketch before any weight)"),
             (args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"),
              "reentrant gradient checkpointing (torch.autograd.grad cannot run through it)"),
+            (self.accelerator.scaler is not None, "fp16 loss scaling (its GradScaler would unscale gradients that "
+                                                  "this path writes unscaled)"),
+            (getattr(args.optim, "value", args.optim) in ("lomo", "adalomo"),
+             f"optim={getattr(args.optim, 'value', args.optim)} (LOMO updates the weights inside the backward)"),
         ]
         return next((reason for failed, reason in checks if failed), None)
 
@@ -853,6 +859,8 @@ class _IPPOMixin:
         signal = advantages.reshape(rows, -1).ne(0).any(1).to(scores.device)
         keep = ippo_filter(scores, self.ippo_tol, signal if self.ippo_stop_rule == "evidence" else None).keep
         if keep.any():  # dropped rows (a non-finite one included) are left out of the sum, not multiplied by 0
+            # weights scale * s_i: s_i is already scaled (as kept_sum is, which _ippo_finish_batch divides by); the
+            # second scale is the one the Trainer's backward and DDP would apply to row i's gradient
             weighted = scorer.weighted_gradient(torch.where(keep, scores * scale, 0.0))
             for param, grad in zip(params, [g for pair in weighted.values() for g in pair]):
                 grad = grad.to(param.dtype)

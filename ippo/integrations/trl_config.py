@@ -104,10 +104,10 @@ class IPPOArguments:
         default=True,
         metadata={"help": "Take the scores and the filtered update from TRL's own backward when its conditions hold "
                           "(num_iterations=1, steps_per_generation == gradient_accumulation_steps, beta=0, no "
-                          "entropy bonus, loss_type grpo/dapo/bnpo/dr_grpo or RLOO, no vLLM, Liger, FSDP, DeepSpeed "
-                          "or reentrant gradient checkpointing, ippo_score != 'deflated'); False: always the "
-                          "two-pass path (a scoring forward+backward before TRL's). The path taken and the reason "
-                          "for a fallback are logged once (trainer.ippo_path)."},
+                          "entropy bonus, loss_type grpo/dapo/bnpo/dr_grpo or RLOO, no vLLM, Liger, FSDP, DeepSpeed, "
+                          "reentrant gradient checkpointing, fp16 loss scaling or LOMO, ippo_score != 'deflated'); "
+                          "False: always the two-pass path (a scoring forward+backward before TRL's). The path taken "
+                          "and the reason for a fallback are logged once (trainer.ippo_path)."},
     )
 
     def __post_init__(self):

@@ -127,6 +127,21 @@ def test_each_fallback_condition_takes_the_two_pass_path(tmp_path, caplog, name)
     assert len(logged) == 1 and reason in logged[0]
 
 
+@pytest.mark.parametrize("attribute, value, reason", [
+    ("scaler", object(), "fp16 loss scaling"), ("optim", "lomo", "optim=lomo"),
+    ("use_liger_kernel", True, "use_liger_kernel=True"), ("use_vllm", True, "use_vllm=True"),
+])
+def test_fallback_conditions_that_need_a_gpu(tmp_path, attribute, value, reason):
+    """Conditions that cannot be set up on this CPU (fp16's GradScaler, LOMO, Liger, vLLM): the reason, read from the
+    trainer's state."""
+    trainer = make_trainer(IPPOGRPOTrainer, tmp_path, **{**SETTINGS, "ippo_one_backward": True})
+    assert trainer._ippo_fallback_reason() is None
+    target = {"scaler": trainer.accelerator, "optim": trainer.args, "use_liger_kernel": trainer.args}.get(attribute,
+                                                                                                        trainer)
+    setattr(target, attribute, value)
+    assert reason in trainer._ippo_fallback_reason()
+
+
 def test_one_backward_is_taken_and_logged(tmp_path, caplog):
     trainer = make_trainer(IPPOGRPOTrainer, tmp_path, **{**SETTINGS, "ippo_one_backward": True})
     trainer._ippo_filter = lambda batches: pytest.fail("the two-pass filter ran on the one-backward path")
