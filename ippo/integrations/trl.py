@@ -377,7 +377,7 @@ class _IPPOMixin:
         self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
         self._ippo_skip_steps = False  # the generation batch kept nothing: its optimizer step(s) are skipped
         self._ippo_micro_batches = 0  # one-backward path: micro-batches of the generation batch run so far
-        self.ippo_path = "one-backward" if self._ippo_fallback_reason() is None else "two-pass"  # logged by train()
+        self._ippo_choose_path()  # ippo_path; train() chooses again and logs it
         self._ippo_val_cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
         # refuses unsupported set-ups now rather than at the first generation batch
         self._ippo_check_score(self._ippo_lora_weights())
@@ -824,11 +824,18 @@ class _IPPOMixin:
         ]
         return next((reason for failed, reason in checks if failed), None)
 
+    def _ippo_choose_path(self) -> str | None:
+        """Sets ``ippo_path`` ("one-backward" or "two-pass") from :meth:`_ippo_fallback_reason`; returns the reason."""
+        reason = self._ippo_fallback_reason()
+        self.ippo_path = "two-pass" if reason else "one-backward"
+        return reason
+
     def _ippo_begin_batch(self) -> None:
         """One-backward path, at a new generation batch: V (as in the two-pass path) and fresh per-batch counts."""
         start = time.perf_counter()
         with self._ippo_isolated():
             self._ippo_val = self._ippo_validation_direction(self._ippo_validation_indices())
+        self._ippo_params = [w for pair in self._ippo_lora_weights().values() for w in pair]  # looked up once
         self._ippo_counts = torch.zeros(len(_COUNTS), dtype=torch.float64, device=self.accelerator.device)
         self._ippo_micro_batches = 0
         self._ippo_seconds = time.perf_counter() - start
@@ -841,8 +848,7 @@ class _IPPOMixin:
         for it, times 1/processes: what the Trainer's backward and DDP apply). At the last micro-batch of the
         generation batch (:meth:`_ippo_finish_batch`) the .grad are divided by the mean kept score of every
         process and all-reduced: sum_i [kept_i] c (s_i / mean kept s) G_i, the two-pass path's gradient."""
-        model = self.accelerator.unwrap_model(self.model)
-        params = [w for pair in self._ippo_lora_weights().values() for w in pair]
+        model, params = self.accelerator.unwrap_model(self.model), self._ippo_params
         scale = (1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps) \
             / self.accelerator.num_processes
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -872,12 +878,12 @@ class _IPPOMixin:
                                           device=self._ippo_counts.device)
         self._ippo_micro_batches += 1
         if self._ippo_micro_batches == self.args.steps_per_generation:
-            self._ippo_finish_batch(params)
+            self._ippo_finish_batch()
         self._ippo_seconds += time.perf_counter() - start
         # TRL's loss (of the unfiltered advantages) for the Trainer's logs, as a leaf: its backward() does nothing
         return loss.detach().requires_grad_()
 
-    def _ippo_finish_batch(self, params: list[torch.Tensor]) -> None:
+    def _ippo_finish_batch(self) -> None:
         """One-backward path, after the generation batch's last micro-batch (before clipping and the optimizer
         step): the counts of every process (one all-reduce), the .grad divided by the mean kept score and summed
         over processes (one all-reduce of the LoRA gradients: DDP's own reduction never ran), the metrics and the
@@ -886,6 +892,7 @@ class _IPPOMixin:
         processes = self.accelerator.num_processes
         counts = self.accelerator.reduce(self._ippo_counts, reduction="sum") if processes > 1 else self._ippo_counts
         kept, kept_sum, rows, signal_rows, positive, total, nonfinite = counts.tolist()
+        params = self._ippo_params
         if kept:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads]) / (kept_sum / kept)
@@ -903,8 +910,7 @@ class _IPPOMixin:
         # a fresh I-PPO state; a resume then restores the checkpoint's (_load_callback_state)
         self.ippo_stopped, self._ippo_streak, self._ippo_draws, self._ippo_skip_steps = False, 0, 0, False
         self._ippo_micro_batches = 0
-        reason = self._ippo_fallback_reason()
-        self.ippo_path = "two-pass" if reason else "one-backward"
+        reason = self._ippo_choose_path()
         if reason is None:
             logger.info("I-PPO: one-backward path (the scores and the filtered update from TRL's own backward)")
         else:
