@@ -208,8 +208,9 @@ logger = logging.getLogger(__name__)
 # restores it, as it restores TRL's metrics.
 _LOSS_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 _MISSING = object()
-# The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made.
-_SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws")
+# The I-PPO state a checkpoint holds: the intrinsic stop, the evidence rule's streak, the validation draws made, the
+# generation batches scored (ippo_val_every's schedule; a checkpoint of an earlier version has none: = the draws).
+_SAVED_STATE = ("ippo_stopped", "_ippo_streak", "_ippo_draws", "_ippo_batches")
 _SKETCH_SEED = 0  # ippo_score="deflated": the sketch projection's seed (the in-house default --sketch-seed)
 # GRPO loss types for which the one-backward path is tested against the two-pass one (RLOO has one loss)
 _ONE_BACKWARD_LOSSES = ("grpo", "dapo", "bnpo", "dr_grpo")
@@ -366,7 +367,7 @@ class _IPPOMixin:
         super().__init__(*args, **kwargs)
         self.ippo_validation_dataset = validation_dataset
         args = self.args
-        self.ippo_val_size, self.ippo_tol = args.ippo_val_size, args.ippo_tol
+        self.ippo_val_size, self.ippo_val_every, self.ippo_tol = args.ippo_val_size, args.ippo_val_every, args.ippo_tol
         self.ippo_stop_rule, self.ippo_stop_patience = args.ippo_stop_rule, args.ippo_stop_patience
         self.ippo_stop_when_empty = args.ippo_stop_when_empty
         self.ippo_score, self.ippo_deflate_top, self.ippo_deflate_dim = (args.ippo_score, args.ippo_deflate_top,
@@ -374,7 +375,9 @@ class _IPPOMixin:
         self.ippo_one_backward = args.ippo_one_backward
         self._ippo_streak = 0  # evidence rule: generation batches in a row with signal and nothing of it kept
         self.ippo_stopped = False  # True once training ended by the intrinsic stop
-        self._ippo_draws = 0  # validation draws made (one per generation batch): the next draw's position
+        self._ippo_draws = 0  # validation draws made (one per V computed): the next draw's position
+        self._ippo_batches = 0  # generation batches scored: V is computed afresh when it is a multiple of val_every
+        self._ippo_raw_val: dict[str, LoRAGrad] | None = None  # the latest validation gradient (ippo_val_every)
         self._ippo_skip_steps = False  # the generation batch kept nothing: its optimizer step(s) are skipped
         self._ippo_micro_batches = 0  # one-backward path: micro-batches of the generation batch run so far
         self._ippo_choose_path()  # ippo_path; train() chooses again and logs it
@@ -570,22 +573,30 @@ class _IPPOMixin:
             mask = mask[len(prompt_ids):len(prompt_ids) + len(completion_ids)]
         return prompt_ids, completion_ids, mask
 
-    def _ippo_validation_indices(self) -> list[int]:
-        """The validation rows of this generation batch: the same on every process, a function of the seed and the
-        number of draws made in the run (saved in checkpoints, so a resumed run draws as the uninterrupted one)."""
-        n, draw = len(self.ippo_validation_dataset), self._ippo_draws
-        self._ippo_draws += 1
+    def _ippo_validation_indices(self, redraw: bool = True) -> list[int]:
+        """The validation rows of a new V: the same on every process, a function of the seed and the number of draws
+        made in the run (saved in checkpoints, so a resumed run draws as the uninterrupted one); ``redraw=False``:
+        the rows of the latest draw again."""
+        if redraw:
+            self._ippo_draws += 1
+        n, draw = len(self.ippo_validation_dataset), self._ippo_draws - 1
         if self.ippo_val_size >= n:
             return list(range(n))
         rng = random.Random(f"ippo-validation:{self.args.seed}:{draw}")
         return sorted(rng.sample(range(n), self.ippo_val_size))
 
-    def _ippo_validation_direction(self, indices: list[int]) -> dict[str, LoRAGrad]:
-        """The V that ``ippo_score`` scores against: the validation gradient of rows ``indices`` (answer: of their
-        final answers' tokens), preconditioned for adam by the second moment of the optimizer that takes the next
-        step (``ippo.train.scoring.adam_preconditioned``: P = 1 before its first step). The same on every process:
-        V is all-reduced, and DDP keeps every process's optimizer state equal."""
-        val = self._ippo_validation_gradients(indices)
+    def _ippo_validation_direction(self) -> dict[str, LoRAGrad]:
+        """The V that ``ippo_score`` scores this generation batch against: the validation gradient of a new draw of
+        rows (answer: of their final answers' tokens), computed afresh at every ``ippo_val_every``-th generation
+        batch and reused in between (a run resumed between two draws computes it again, at its first batch, from the
+        rows of the latest draw: a checkpoint holds no V), preconditioned for adam by the second moment of the
+        optimizer that takes the next step (``ippo.train.scoring.adam_preconditioned``: P = 1 before its first
+        step). The same on every process: V is all-reduced, and DDP keeps every process's optimizer state equal."""
+        fresh = self._ippo_batches % self.ippo_val_every == 0
+        if fresh or self._ippo_raw_val is None:
+            self._ippo_raw_val = self._ippo_validation_gradients(self._ippo_validation_indices(redraw=fresh))
+        self._ippo_batches += 1
+        val = self._ippo_raw_val
         if self.ippo_score == "adam":
             val = adam_preconditioned(val, self._ippo_adam_optimizer(), self.accelerator.unwrap_model(self.model))
         return val
@@ -736,7 +747,7 @@ class _IPPOMixin:
         ``ippo_stop_rule`` (and ``ippo_stop_when_empty``)."""
         start = time.perf_counter()
         with self._ippo_isolated():
-            val_grads = self._ippo_validation_direction(self._ippo_validation_indices())
+            val_grads = self._ippo_validation_direction()
             scores = self._ippo_scores(batches, val_grads)
         device = self.accelerator.device
         local = torch.cat(scores).to(device) if scores else torch.zeros(0, dtype=torch.float64, device=device)
@@ -834,7 +845,7 @@ class _IPPOMixin:
         """One-backward path, at a new generation batch: V (as in the two-pass path) and fresh per-batch counts."""
         start = time.perf_counter()
         with self._ippo_isolated():
-            self._ippo_val = self._ippo_validation_direction(self._ippo_validation_indices())
+            self._ippo_val = self._ippo_validation_direction()
         self._ippo_params = [w for pair in self._ippo_lora_weights().values() for w in pair]  # looked up once
         self._ippo_counts = torch.zeros(len(_COUNTS), dtype=torch.float64, device=self.accelerator.device)
         self._ippo_micro_batches = 0
@@ -909,7 +920,7 @@ class _IPPOMixin:
     def train(self, *args, **kwargs):
         # a fresh I-PPO state; a resume then restores the checkpoint's (_load_callback_state)
         self.ippo_stopped, self._ippo_streak, self._ippo_draws, self._ippo_skip_steps = False, 0, 0, False
-        self._ippo_micro_batches = 0
+        self._ippo_micro_batches, self._ippo_batches, self._ippo_raw_val = 0, 0, None
         reason = self._ippo_choose_path()
         if reason is None:
             logger.info("I-PPO: one-backward path (the scores and the filtered update from TRL's own backward)")
@@ -924,9 +935,9 @@ class _IPPOMixin:
         callbacks (``restore_callback_states_from_checkpoint``) without re-creating this trainer's own."""
         name, saved = _IPPOStopCallback.__name__, self.state.stateful_callbacks
         attributes = saved[name].get("attributes", {}) if isinstance(saved.get(name), dict) else {}
-        if set(attributes) >= set(_SAVED_STATE):
+        if set(attributes) >= set(_SAVED_STATE) - {"_ippo_batches"}:
             for key in _SAVED_STATE:
-                setattr(self, key, attributes[key])
+                setattr(self, key, attributes.get(key, attributes["_ippo_draws"]))
         else:
             logger.warning("I-PPO: the checkpoint holds no I-PPO state (saved by an older version?); the stop rule's "
                            "streak and the validation draws start afresh")

@@ -37,6 +37,11 @@ class IPPOArguments:
         ippo_val_size (`int`, *optional*, defaults to `64`):
             Validation pairs drawn (without replacement) per generation batch for the validation gradient; all of
             them if the validation set is smaller.
+        ippo_val_every (`int`, *optional*, defaults to `1`):
+            Compute the validation gradient at every `ippo_val_every`-th generation batch and score the batches in
+            between against it (a V up to `ippo_val_every - 1` optimizer steps old; `"adam"`'s preconditioner is
+            applied fresh at every batch). 1 (the paper): a fresh V at every generation batch. V costs a
+            forward+backward of the `ippo_val_size` pairs; this divides that cost by `ippo_val_every`.
         ippo_tol (`float`, *optional*, defaults to `0.0`):
             A completion is kept when its influence score is above this (a finite number >= 0).
         ippo_stop_rule (`str`, *optional*, defaults to `"evidence"`):
@@ -64,6 +69,13 @@ class IPPOArguments:
         default=64,
         metadata={"help": "Validation pairs (gold prompt/completion) drawn per generation batch for the validation "
                           "gradient; all of them if the validation set is smaller."},
+    )
+    ippo_val_every: int = field(
+        default=1,
+        metadata={"help": "Compute the validation gradient V at every k-th generation batch and score the batches in "
+                          "between against it (V up to k-1 optimizer steps old; 'adam' preconditions it afresh at "
+                          "every batch); 1 (the paper): a fresh V per generation batch. Divides V's cost (a "
+                          "forward+backward of ippo_val_size pairs) by k."},
     )
     ippo_tol: float = field(
         default=0.0,
@@ -122,6 +134,8 @@ class IPPOArguments:
         name = type(self).__name__
         if not _integer(self.ippo_val_size) or self.ippo_val_size < 1:
             raise ValueError(f"{name}: ippo_val_size must be an int >= 1; got {self.ippo_val_size!r}")
+        if not _integer(self.ippo_val_every) or self.ippo_val_every < 1:
+            raise ValueError(f"{name}: ippo_val_every must be an int >= 1; got {self.ippo_val_every!r}")
         tol = self.ippo_tol
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
             raise ValueError(f"{name}: ippo_tol must be a finite number >= 0 (kept rows are weighted by s_i / mean of "
@@ -147,6 +161,7 @@ class IPPOArguments:
         if not isinstance(self.ippo_one_backward, bool):
             raise ValueError(f"{name}: ippo_one_backward must be True or False; got {self.ippo_one_backward!r}")
         self.ippo_val_size, self.ippo_tol = int(self.ippo_val_size), float(self.ippo_tol)
+        self.ippo_val_every = int(self.ippo_val_every)
         self.ippo_stop_patience, self.ippo_deflate_top = int(self.ippo_stop_patience), int(self.ippo_deflate_top)
         self.ippo_deflate_dim = int(self.ippo_deflate_dim)
 
@@ -158,8 +173,9 @@ IPPO_FIELDS = tuple(f.name for f in fields(IPPOArguments))
 @dataclass
 class IPPOConfig(IPPOArguments, GRPOConfig):
     r"""Configuration class for ``IPPOGRPOTrainer``: TRL's ``GRPOConfig`` (every field of it, unchanged) plus the I-PPO
-    settings of :class:`IPPOArguments` (``ippo_val_size``, ``ippo_tol``, ``ippo_stop_rule``, ``ippo_stop_patience``,
-    ``ippo_stop_when_empty``, ``ippo_score``, ``ippo_deflate_top``, ``ippo_deflate_dim``, ``ippo_one_backward``),
+    settings of :class:`IPPOArguments` (``ippo_val_size``, ``ippo_val_every``, ``ippo_tol``, ``ippo_stop_rule``,
+    ``ippo_stop_patience``, ``ippo_stop_when_empty``, ``ippo_score``, ``ippo_deflate_top``, ``ippo_deflate_dim``,
+    ``ippo_one_backward``),
     each checked at construction (a ValueError names the field). ``HfArgumentParser`` / ``TrlParser`` take them as
     ``--ippo_*`` arguments or ``ippo_*`` keys of a YAML config.
 

@@ -134,8 +134,8 @@ def recording(base):
             for n, p in lora.items():
                 p.grad = saved_grads[n]
 
-        def _ippo_validation_indices(self):
-            indices = super()._ippo_validation_indices()
+        def _ippo_validation_indices(self, redraw=True):
+            indices = super()._ippo_validation_indices(redraw)
             self.records[-1]["val_indices"] = list(indices)
             return indices
 

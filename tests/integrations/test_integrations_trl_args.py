@@ -69,13 +69,15 @@ def test_every_validation_row_is_checked_at_construction(tmp_path, validation, m
 
 # ---- IPPOConfig / IPPORLOOConfig ------------------------------------------------------------------------------
 
-DEFAULTS = dict(ippo_val_size=64, ippo_tol=0.0, ippo_stop_rule="evidence", ippo_stop_patience=2,
+DEFAULTS = dict(ippo_val_size=64, ippo_val_every=1, ippo_tol=0.0, ippo_stop_rule="evidence", ippo_stop_patience=2,
                 ippo_stop_when_empty=True, ippo_score="raw", ippo_deflate_top=1, ippo_deflate_dim=4096,
                 ippo_one_backward=True)
 # every field's bad values, with what the error says beyond the field's name
 BAD = [
     ("ippo_val_size", 0, "int >= 1"), ("ippo_val_size", -3, "int >= 1"), ("ippo_val_size", "4", "int >= 1"),
     ("ippo_val_size", 4.0, "int >= 1"), ("ippo_val_size", True, "int >= 1"), ("ippo_val_size", None, "int >= 1"),
+    ("ippo_val_every", 0, "int >= 1"), ("ippo_val_every", 2.0, "int >= 1"), ("ippo_val_every", True, "int >= 1"),
+    ("ippo_val_every", "2", "int >= 1"),
     ("ippo_tol", -0.1, "finite number >= 0"), ("ippo_tol", math.inf, "finite number >= 0"),
     ("ippo_tol", math.nan, "finite number >= 0"), ("ippo_tol", "0", "finite number >= 0"),
     ("ippo_tol", False, "finite number >= 0"),
@@ -126,7 +128,7 @@ def test_config_fields_are_checked(tmp_path, config_cls, field, value, match):
 
 @pytest.mark.parametrize("trainer_cls, config_cls", [(IPPOGRPOTrainer, IPPOConfig), (IPPORLOOTrainer, IPPORLOOConfig)])
 def test_trainer_reads_the_config(tmp_path, trainer_cls, config_cls):
-    settings = dict(ippo_val_size=3, ippo_tol=0.25, ippo_stop_rule="paper", ippo_stop_patience=5,
+    settings = dict(ippo_val_size=3, ippo_val_every=3, ippo_tol=0.25, ippo_stop_rule="paper", ippo_stop_patience=5,
                     ippo_stop_when_empty=False, ippo_score="deflated", ippo_deflate_top=2, ippo_deflate_dim=8,
                     ippo_one_backward=False)
     trainer = make_trainer(trainer_cls, tmp_path, **settings)
@@ -185,7 +187,7 @@ def test_plain_trl_config_is_refused(tmp_path, trainer_cls, config_cls, plain_cl
 
 @pytest.mark.parametrize("config_cls", [IPPOConfig, IPPORLOOConfig])
 def test_fields_are_saved_with_the_arguments(tmp_path, config_cls):
-    settings = dict(ippo_val_size=8, ippo_tol=0.5, ippo_stop_rule="paper", ippo_stop_patience=3,
+    settings = dict(ippo_val_size=8, ippo_val_every=2, ippo_tol=0.5, ippo_stop_rule="paper", ippo_stop_patience=3,
                     ippo_stop_when_empty=False, ippo_score="answer", ippo_deflate_top=2, ippo_deflate_dim=16,
                     ippo_one_backward=False)
     args = config(tmp_path, cls=config_cls, **settings)
@@ -204,12 +206,13 @@ def test_fields_are_saved_with_the_arguments(tmp_path, config_cls):
 @pytest.mark.parametrize("config_cls", [IPPOConfig, IPPORLOOConfig])
 def test_trl_parser_command_line_and_yaml(tmp_path, config_cls):
     parser = TrlParser((config_cls,))
-    command_line = ["--output_dir", str(tmp_path), "--use_cpu", "--ippo_val_size", "8", "--ippo_score", "answer",
+    command_line = ["--output_dir", str(tmp_path), "--use_cpu", "--ippo_val_size", "8", "--ippo_val_every", "4",
+                    "--ippo_score", "answer",
                     "--ippo_tol", "1e-3", "--ippo_stop_rule", "paper", "--ippo_stop_patience", "3",
                     "--ippo_stop_when_empty", "false", "--ippo_deflate_top", "2", "--ippo_deflate_dim", "16",
                     "--no_ippo_one_backward"]
     (args,) = parser.parse_args_and_config(command_line)
-    want = dict(ippo_val_size=8, ippo_tol=1e-3, ippo_stop_rule="paper", ippo_stop_patience=3,
+    want = dict(ippo_val_size=8, ippo_val_every=4, ippo_tol=1e-3, ippo_stop_rule="paper", ippo_stop_patience=3,
                 ippo_stop_when_empty=False, ippo_score="answer", ippo_deflate_top=2, ippo_deflate_dim=16,
                 ippo_one_backward=False)
     assert type(args) is config_cls and {k: getattr(args, k) for k in IPPO_FIELDS} == want
@@ -217,11 +220,12 @@ def test_trl_parser_command_line_and_yaml(tmp_path, config_cls):
     assert {k: getattr(args, k) for k in IPPO_FIELDS} == DEFAULTS
     # a YAML config file, the command line overriding it
     path = tmp_path / "config.yaml"
-    path.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\nippo_val_size: 16\nippo_tol: 0.25\n"
+    path.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\nippo_val_size: 16\nippo_val_every: 2\nippo_tol: 0.25\n"
                     "ippo_stop_rule: paper\nippo_stop_when_empty: false\nippo_score: deflated\nippo_deflate_dim: 8\n"
                     "ippo_one_backward: false\n")
     (args,) = parser.parse_args_and_config(["--config", str(path), "--ippo_deflate_top", "3"])
-    assert {k: getattr(args, k) for k in IPPO_FIELDS} == {**DEFAULTS, "ippo_val_size": 16, "ippo_tol": 0.25,
+    assert {k: getattr(args, k) for k in IPPO_FIELDS} == {**DEFAULTS, "ippo_val_size": 16, "ippo_val_every": 2,
+                                                          "ippo_tol": 0.25,
                                                           "ippo_stop_rule": "paper", "ippo_stop_when_empty": False,
                                                           "ippo_score": "deflated", "ippo_deflate_dim": 8,
                                                           "ippo_deflate_top": 3, "ippo_one_backward": False}
