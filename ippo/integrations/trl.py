@@ -5,7 +5,8 @@ Both take TRL's own arguments unchanged, plus ``validation_dataset`` (rows with 
 answers whose SFT loss is the validation loss); their config is ``IPPOConfig`` (``IPPOGRPOTrainer``) or
 ``IPPORLOOConfig`` (``IPPORLOOTrainer``): TRL's ``GRPOConfig`` / ``RLOOConfig`` with every field of it, plus the I-PPO
 settings as ``ippo_*`` fields (``ippo.integrations.trl_config``, re-exported here): ``ippo_val_size`` (pairs drawn
-per generation batch, default 64), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or
+per validation gradient, default 64), ``ippo_val_every`` (a fresh validation gradient at every k-th generation
+batch, default 1: at every one), ``ippo_tol`` (default 0.0), ``ippo_stop_rule`` ("evidence", default, or
 "paper"), ``ippo_stop_patience`` (default 2), ``ippo_stop_when_empty`` (default True), ``ippo_score`` ("raw",
 default; "answer", "adam" or "deflated", the in-house trainer's ``--score``, see "Score variants" below) with
 ``ippo_deflate_top`` (default 1) and ``ippo_deflate_dim`` (default 4096) for "deflated", and ``ippo_one_backward``
@@ -34,10 +35,15 @@ micro-batches it will train on):
 1. Validation gradient V = dL_val/dtheta over the active adapter's LoRA A/B weights, at the sampling policy:
    L_val = (sum of -log pi(gold completion token)) / (number of gold completion tokens) over ``ippo_val_size`` pairs
    drawn without replacement (all of them if the set is smaller), with TRL's own per-token log-probs (at TRL's
-   ``temperature``, 1.0 by default). The draw depends only on (seed, global step, micro-step), so every process
+   ``temperature``, 1.0 by default). The draw depends only on (seed, number of draws made), so every process
    draws the same pairs; process r takes every N-th pair from the r-th, and the N partial gradients (each already
    divided by the global token count) are summed with one all-reduce: every process gets the same V, which is the
-   1-process gradient of the same pairs (up to float summation order).
+   1-process gradient of the same pairs (up to float summation order). With ``ippo_val_every`` = k > 1, V is
+   computed (from a new draw) at generation batches 0, k, 2k, ... only, and the batches in between are scored
+   against it: a V up to k - 1 optimizer steps old, at 1/k of its cost (a forward+backward of ``ippo_val_size``
+   pairs: on a setting where they have as many tokens as the generation batch, V is most of what the one-backward
+   path adds to a step). A run resumed between two draws computes V again at its first generation batch, from the
+   rows of the latest draw (a checkpoint holds the draw count and the batch count, not V).
 2. Scores: for each micro-batch, TRL's own ``_compute_loss`` runs once inside ``InfluenceScorer`` with segment id =
    row (padding -1). The loss of a micro-batch is a sum of per-row terms over constants (grpo/sapo/luspo: / rows /
    accumulation steps; bnpo: / the micro-batch's completion tokens / accumulation steps; dr_grpo: / (rows x

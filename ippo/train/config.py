@@ -23,6 +23,7 @@ from ippo.train.tasks import Task, make_task
 ALGOS = ("sft", "ppo", "grpo", "ippo")
 STOP_RULES = ("evidence", "paper")
 KEEP_BY = ("score", "random")
+IPPO_BASES = ("ppo", "grpo")
 SCORES = ("raw", "answer", "adam", "centred", "deflated")  # scoring.py defines each
 SHORT_PROMPT = "Solve step by step, one equation per line. End with '#### <answer>'."
 MAX_THREADS = 1024  # torch.set_num_threads far beyond this crashes the process (100000 segfaults)
@@ -99,6 +100,9 @@ class Config:
                         "validation gradient (the paper: ~100)")
     val_batch: int = opt(8, "ippo: validation pairs per forward+backward of the validation gradient (micro-batches "
                          "summed: the same gradient, the memory of this many pairs)")
+    ippo_base: str = opt("ppo", "ippo: the algorithm the filter sits on: ppo (GAE advantages from a critic, the "
+                         "paper) or grpo (group-normalized advantages and grpo's k3 KL loss term, no critic; the "
+                         "scores are those of the actor loss, as on ppo)")
     tol: float = opt(0.0, "ippo: drop episodes with score <= tol (a band above 0; 0 = the paper's rule)")
     stop_rule: str = opt("evidence", "ippo: 'evidence' (default) drops the episodes of prompt groups whose rewards "
                          "are all equal (no reward signal: their advantages are critic and KL noise) whatever their "
@@ -151,6 +155,11 @@ class Config:
     log_episodes: int = opt(2, "top and bottom episodes (with text) logged per iteration")
     cache_dir: str | None = opt(None, "SFT warm-start cache directory (default $IPPO_CACHE or ~/.cache/ippo)")
 
+    @property
+    def group_advantages(self) -> bool:
+        """grpo's advantages and loss (group-normalized, k3 KL term, no critic): grpo, and ippo on the grpo base."""
+        return self.algo == "grpo" or (self.algo == "ippo" and self.ippo_base == "grpo")
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad option (as its ``--flag``)."""
         _check_types(self)
@@ -182,8 +191,11 @@ class Config:
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         arith_sizes(self)
-        if self.algo == "grpo" and self.samples_per_prompt < 2:
-            raise ValueError("--samples-per-prompt must be >= 2 for grpo (group-normalized advantages)")
+        if self.ippo_base not in IPPO_BASES:
+            raise ValueError(f"--ippo-base must be one of {IPPO_BASES}, got {self.ippo_base!r}")
+        if self.group_advantages and self.samples_per_prompt < 2:
+            raise ValueError("--samples-per-prompt must be >= 2 for grpo and --ippo-base grpo (group-normalized "
+                             "advantages)")
         if self.keep_by not in KEEP_BY:
             raise ValueError(f"--keep-by must be one of {KEEP_BY}, got {self.keep_by!r}")
         if self.score not in SCORES:

@@ -4,7 +4,8 @@ up by :func:`setup_learner`, the rewards, the rollout into a :class:`Buffer` and
   rollout      k samples per prompt; reward = reward_fn(completions, examples), by default the task's binary
                correctness; per-token log-probs of the policy, of the reference (adapter disabled) and, for
                ppo/ippo, values (head on detached hidden states); --reward-noise flips
-  advantages   ppo/ippo: reward - kl_coef * KL(policy||ref) per token, GAE, whitening;  grpo: group-normalized
+  advantages   ppo/ippo: reward - kl_coef * KL(policy||ref) per token, GAE, whitening;  grpo (and ippo with
+               --ippo-base grpo): group-normalized, no critic
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class Learner:
 
     @property
     def critic(self) -> nn.Module | None:
-        """The value head, or None for grpo (no critic: no values computed)."""
-        return None if self.cfg.algo == "grpo" else self.value_head
+        """The value head, or None for grpo and ippo on the grpo base (no critic: no values computed)."""
+        return None if self.cfg.group_advantages else self.value_head
 
     def evaluate(self, size: int | None = None) -> dict:
         """The eval metrics of the policy now on ``size`` problems (default eval_size; the same eval sampling seed
@@ -241,7 +242,7 @@ def compute_advantages(cfg: Config, buf: Buffer) -> None:
     """Fill ``buf.kl``, ``buf.advantages`` and (ppo, ippo) ``buf.returns``."""
     mask = buf.mask
     buf.kl = pm.kl_penalty(buf.old_logp, buf.ref_logp, mask, "k1", mask_checked=True)
-    if cfg.algo == "grpo":
+    if cfg.group_advantages:
         buf.advantages = pm.grpo_advantages(buf.rewards, buf.ro.group)[:, None] * mask
         return
     token_rewards = pm.shaped_rewards(buf.rewards, buf.kl, mask, cfg.kl_coef, mask_checked=True)

@@ -7,8 +7,9 @@
                I-PPO path)
   probes       --reward-noise flips; AUCs of low scores / advantages for flipped and unfaithful episodes
                (probe.probe_metrics)
-  update       epochs x minibatches: clipped surrogate (weighted per episode) + clipped value loss (grpo: k3 KL
-               to the reference, no critic), grad-norm clipping; approx-KL and clip fraction logged
+  update       epochs x minibatches: clipped surrogate (weighted per episode) + clipped value loss (grpo and
+               --ippo-base grpo: k3 KL to the reference, no critic), grad-norm clipping; approx-KL and clip
+               fraction logged
   sketches     [--sketch-dim] before the update: each episode's actor-loss gradient sketch (ippo: from the scoring
                backward; ppo, grpo: scoring.sketch_episodes), keep, weights and a bf16 adapter snapshot, written to
                RUN/sketches/ (attribution.py, which also reads them for `ippo attribute`)
@@ -57,7 +58,7 @@ def ppo_update(L: Learner, buf: Buffer, keep: Tensor, weights: Tensor) -> dict:
             logp, values = response_logprobs(L.lm, buf.ro, mb, L.critic, cfg.temperature)
             per_episode, _ = pm.policy_loss(logp, old_logp, buf.advantages[mb], m, cfg.clip, mask_checked=True)
             loss = (weights[mb] * per_episode).mean()
-            if cfg.algo == "grpo":  # GRPO: k3 KL to the reference in the loss, no critic
+            if cfg.group_advantages:  # grpo (and ippo on it): k3 KL to the reference in the loss, no critic
                 kl = pm.kl_penalty(logp, buf.ref_logp[mb], m, "k3", mask_checked=True)
                 loss = loss + cfg.kl_coef * pm.masked_mean(kl, m)
             else:
@@ -84,7 +85,8 @@ def rl_iteration(L: Learner, it: int, timing: Counter) -> tuple[dict, bool]:
     Returns the iteration's metrics record and whether I-PPO stopped (no episode kept, no update).
     """
     cfg = L.cfg
-    in_rollout = cfg.algo == "ippo" and not cfg.whiten  # scores from the old-log-prob forward (score_in_rollout)
+    # scores from the old-log-prob forward (score_in_rollout): per-episode advantages known per micro-batch
+    in_rollout = cfg.algo == "ippo" and not cfg.whiten and not cfg.group_advantages
     store = cfg.sketch_dim > 0 and L.run_dir is not None  # --sketch-dim: this iteration's sketches are written
     buf = rollout(L, it, timing, old_logprobs=not in_rollout)
     if cfg.algo == "ippo":

@@ -109,6 +109,39 @@ def test_ippo_all_scores_negative_stops_and_logs(tmp_path, monkeypatch):
     assert [r["iteration"] for r in records(run_dir)] == [0, 1]
 
 
+def test_ippo_on_the_grpo_base_keeping_everything_is_grpo(tmp_path, monkeypatch):
+    """--ippo-base grpo: the filter's advantages are grpo's (group-normalized, no critic values) and the update is
+    grpo's (k3 KL term, no value loss): with the filter made to keep every episode at weight 1, the LoRA weights after
+    an iteration equal a grpo run's of the same seed (kl_coef large enough that a missing KL term shows)."""
+    seen = []
+    real_score = scoring.score_episodes
+
+    def score(lm, tok, task, cfg, ro, old_logp, advantages, *args, **kwargs):
+        seen.append((advantages.clone(), ro))
+        return real_score(lm, tok, task, cfg, ro, old_logp, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_episodes", score)
+    monkeypatch.setattr(scoring, "filter_episodes", lambda L, buf, scores, record: pm.FilterResult(
+        torch.ones(len(scores), dtype=torch.bool), torch.ones(len(scores)), False))
+    settings = dict(sft_steps=0, kl_coef=0.5, lr=1e-2, epochs=1, minibatch=3)
+    run(cfg_for(tmp_path, algo="grpo", **settings), tmp_path / "grpo")
+    run(cfg_for(tmp_path, algo="ippo", ippo_base="grpo", **settings), tmp_path / "ippo")
+    (advantages, ro), = seen
+    assert advantages.abs().sum() > 0 and records(tmp_path / "grpo")[-1]["grad_norm"] > 0
+    torch.testing.assert_close(advantages, pm.grpo_advantages(
+        torch.tensor(coin(ro.texts, [None] * len(ro.texts))), ro.group)[:, None] * ro.mask, rtol=0, atol=1e-6)
+    grpo, ippo = lora_state(tmp_path / "grpo"), lora_state(tmp_path / "ippo")
+    for key in grpo:
+        torch.testing.assert_close(ippo[key], grpo[key], rtol=0, atol=1e-7, msg=key)
+    cfg = cfg_for(tmp_path, algo="ippo", ippo_base="grpo", **settings)
+    L, _, _ = learner.setup_learner(cfg, tmp_path / "learner", False, tiny(), coin, lambda _: None, False)
+    assert L.critic is None and cfg.group_advantages and not config.Config().group_advantages
+    with pytest.raises(ValueError, match=r"--ippo-base must be one of \('ppo', 'grpo'\), got 'sac'"):
+        config.Config(algo="ippo", ippo_base="sac").validate()
+    with pytest.raises(ValueError, match="--samples-per-prompt must be >= 2 for grpo and --ippo-base grpo"):
+        config.Config(algo="ippo", ippo_base="grpo", samples_per_prompt=1, stop_rule="paper").validate()
+
+
 def test_ippo_keep_and_normalized_weights_reach_the_update(tmp_path, monkeypatch):
     """Scores -> the filter's keep (score > tol) and weights (score / mean kept score) are what ppo_update gets, and
     its one minibatch holds exactly the kept episodes."""
