@@ -16,6 +16,7 @@ from _trl_tiny import (  # noqa: F401
     torchrun_workers,
 )
 
+import ippo.integrations.trl as trl
 from ippo.integrations.trl import IPPOGRPOTrainer, IPPORLOOTrainer
 
 # two micro-batches of 2 rows per generation batch (1 prompt x 2 completions each), one optimizer step per batch
@@ -56,6 +57,20 @@ def test_one_backward_equals_two_pass(tmp_path, cls, settings, steps):
     kept = lambda t: [h["ippo/kept_fraction"] for h in t.state.log_history if "ippo/kept_fraction" in h]  # noqa: E731
     assert kept(one) == kept(two) and 0 < min(kept(one)) and max(kept(one)) < 1  # some rows kept, some dropped
     assert len(one.optimizer.state) == len(two.optimizer.state) > 0
+
+
+@pytest.mark.parametrize("seed, pattern", [(0, [[False, False], [True, True]]), (1, [[True, True], [False, False]])])
+def test_one_backward_equals_two_pass_when_a_micro_batch_keeps_nothing(tmp_path, monkeypatch, seed, pattern):
+    """One micro-batch of the generation batch keeps nothing, the other keeps both rows (first or second: the
+    .grad are then set by the second micro-batch, or left as the first set them)."""
+    kept = []
+    real_filter = trl.ippo_filter
+    monkeypatch.setattr(trl, "ippo_filter", lambda *a: kept.append(real_filter(*a).keep.tolist()) or real_filter(*a))
+    two, before, two_final = trained(IPPOGRPOTrainer, tmp_path / "two", False, max_steps=1, seed=seed)
+    kept.clear()
+    one, _, one_final = trained(IPPOGRPOTrainer, tmp_path / "one", True, max_steps=1, seed=seed)
+    assert kept == pattern  # the one-backward path filters per micro-batch
+    assert_same_weights(two_final, one_final, before, rtol=1e-10)
 
 
 def test_one_backward_with_gradient_checkpointing(tmp_path):
