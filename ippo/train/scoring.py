@@ -216,7 +216,8 @@ def score_in_rollout(L: Learner, buf: Buffer, val_examples: list[Example], timin
     only after every micro-batch's forward; being affine it would need a second score per episode (s_i with weight
     1 per token), i.e. a second backward, which costs more than the forward it saves (a scoring backward is
     1.6-2.3x a forward on CPU, benchmarks/RESULTS.md), and holding every micro-batch's graph instead would cost
-    the whole buffer's activations. So the trainer uses this path only with ``--no-whiten``, and
+    the whole buffer's activations. So the trainer uses this path only with ``--no-whiten`` on the ppo base (grpo's
+    advantages, too, need every episode of a prompt group, which a micro-batch need not hold), and
     :func:`score_episodes` otherwise.
     """
     cfg, ro, lm = L.cfg, buf.ro, L.lm
