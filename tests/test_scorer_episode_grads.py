@@ -2,6 +2,9 @@
 ``segment_lora_gradients``), against per-episode backwards in float64: padded rows (either side), packed unsorted
 segments, empty and one-token episodes, non-finite rows kept out of ``weighted_gradient``; opcheck; refusals."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -136,3 +139,24 @@ def test_bad_arguments():
     scorer.episode_grads = False
     with pytest.raises(RuntimeError, match="episode_grads=True"):
         scorer.episode_gradients  # noqa: B018
+
+
+@pytest.mark.parametrize("episode_grads", [True, False])
+def test_a_used_scorer_is_freed_by_reference_counting(episode_grads):
+    """No reference cycle holds a scorer (and its buffers: rows x LoRA parameters with episode_grads) after its
+    backward: dropping the last reference frees it at once, not at the next run of the cycle collector."""
+    model = tiny_model()
+    gc.collect()
+    gc.disable()
+    try:
+        scorer = run(model, val_grads_of(model), random_episodes(LENGTHS)) if episode_grads else None
+        if not episode_grads:
+            *inputs, segment_ids = batch(random_episodes(LENGTHS), row_length=15)
+            with InfluenceScorer(model, val_grads_of(model), segment_ids, len(LENGTHS), sketch_dim=12) as scorer:
+                episode_losses(model, *inputs).sum().backward()
+        assert scorer.scores.isfinite().all()
+        freed = weakref.ref(scorer)
+        del scorer
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -26,6 +26,7 @@ few us per layer (measured on CPU, against ms for the GEMMs at SmolLM2 widths), 
 
 from __future__ import annotations
 
+import weakref
 from typing import Mapping, NamedTuple
 
 import torch
@@ -303,7 +304,10 @@ class _Site:
     the scorer whose buffers it adds to."""
 
     def __init__(self, scorer: InfluenceScorer, name: str, val: LoRAGrad | None, scaling: float, index: int):
-        self.scorer, self.name, self.val, self.scaling, self.index = scorer, name, val, scaling, index
+        # a weak reference: the scorer holds its sites, and a site holding the scorer would make a reference cycle
+        # that keeps the scorer's buffers (episode_grads: rows x LoRA parameters) alive until the cycle collector
+        self.scorer = weakref.proxy(scorer)
+        self.name, self.val, self.scaling, self.index = name, val, scaling, index
 
     def add_scores(self, h, x_va, g_vb, grad_h) -> None:
         """The scorer's (N,) token buffer += this layer's per-token influence; all (N, r): h = x A^T,
