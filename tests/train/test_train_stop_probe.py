@@ -342,3 +342,16 @@ def test_probe_variants_and_exact_resume(tmp_path):
     assert strip(resumed["draws"]) == strip(whole["draws"])
     with pytest.raises(ValueError, match="--variants must name distinct scores"):
         probe.probe(cfg, tmp_path / "bad", 1, 4, variants=("raw",), **{k: v for k, v in kw.items() if k != "variants"})
+
+
+def test_probe_on_the_grpo_base_scores_grpo_advantages(tmp_path):
+    """--ippo-base grpo: the probed episodes carry grpo's advantages (each prompt group's rewards, normalized: they
+    sum to 0 over the group, one value per episode), as the filter on that base sees them."""
+    cfg = cfg_for(tmp_path, algo="ippo", ippo_base="grpo", reward_noise=0.5)
+    out = probe.probe(cfg, tmp_path / "probe", 1, 4, model_and_tokenizer=tiny(), log=lambda _: None, stability=False)
+    episodes = out["draws"][0]["per_episode"]
+    advantages, rewards = torch.tensor(episodes["mean_advantage"]), torch.tensor(episodes["reward"])
+    groups = torch.arange(len(rewards)) // cfg.samples_per_prompt
+    torch.testing.assert_close(advantages, pm.grpo_advantages(rewards, groups).to(advantages.dtype), rtol=0,
+                               atol=1e-6)
+    assert advantages.abs().sum() > 0
