@@ -4,7 +4,7 @@ update from TRL's own backward), the latter also with the validation gradient co
 generation batch only (``ippo_val_every``), on examples/trl_grpo_ippo.py's setting (SmolLM2-135M-Instruct, LoRA r=16,
 2 prompts x 4 completions of up to 32 tokens, 8 validation pairs per V), and each arm's peak resident memory.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trl_step_cost.py [--steps 9] [--rounds 2] [--out runs/bench]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trl_step_cost.py [--steps 9] [--rounds 2] [--out DIR] [--resume]
 
 Each arm runs in its own process (so that its peak RSS is its own), one torch thread, arms interleaved over
 ``--rounds`` rounds; a step's cost is the process's CPU time from the Trainer's step begin to its end
@@ -66,6 +66,8 @@ def main() -> None:
                                                              "multiple of every arm's ippo_val_every)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each arm, interleaved")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (one JSON per arm and round) and run only the others")
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # the child process's arm
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -80,10 +82,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         for arm in ARMS:
             result = args.out / f"trl_step_cost-{arm}-{round_}.json"
-            print(f"round {round_ + 1}/{args.rounds}: {arm} ...", flush=True)
-            subprocess.run([sys.executable, __file__, "--arm", arm, "--result", str(result), "--steps",
-                            str(args.steps), "--out", str(args.out)], check=True)
-            runs[arm].append(json.loads(result.read_text()))
+            kept = json.loads(result.read_text()) if args.resume and result.is_file() else None
+            if kept is not None and len(kept["step_cpu_s"]) != args.steps:
+                parser.error(f"--resume: {result} has {len(kept['step_cpu_s'])} steps, not --steps {args.steps}")
+            if kept is None:
+                print(f"round {round_ + 1}/{args.rounds}: {arm} ...", flush=True)
+                subprocess.run([sys.executable, __file__, "--arm", arm, "--result", str(result), "--steps",
+                                str(args.steps), "--out", str(args.out)], check=True)
+            runs[arm].append(kept or json.loads(result.read_text()))
     mean = {arm: statistics.mean(t for run in rs for t in run["step_cpu_s"][1:]) for arm, rs in runs.items()}
     rss = {arm: max(run["peak_rss_mib"] for run in rs) for arm, rs in runs.items()}
     import torch
