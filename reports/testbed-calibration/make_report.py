@@ -20,10 +20,17 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def records(run: Path) -> list[dict]:
+    """The run's metrics.jsonl records; none when it has no such file (or an empty one: killed before iteration 0's
+    eval was written)."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def collect(roots: list[Path]) -> None:
     for root in roots:
         for run in sorted(root.glob("*/*-seed*")):
-            if not (run / "metrics.jsonl").is_file():
+            if not records(run):
                 continue
             dest = HERE / run.parent.name / run.name
             dest.mkdir(parents=True, exist_ok=True)
@@ -32,8 +39,7 @@ def collect(roots: list[Path]) -> None:
 
 
 def row(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    by_iteration = {r["iteration"]: r for r in records}  # a resumed run may repeat a line: the last one counts
+    by_iteration = {r["iteration"]: r for r in records(run)}  # a resumed run may repeat a line: the last one counts
     evals = {i: r["eval"] for i, r in sorted(by_iteration.items()) if "eval" in r}
     first = [by_iteration[i]["distinct_per_group"] for i in (1, 2, 3) if "distinct_per_group" in by_iteration.get(i, {})]
     last = max(by_iteration)
@@ -52,7 +58,7 @@ def fmt(x, digits=3):
 
 def main(argv: list[str]) -> None:
     collect([Path(a) for a in argv])
-    rows = [row(run) for run in sorted(HERE.glob("*/*-seed*")) if (run / "metrics.jsonl").is_file()]
+    rows = [row(run) for run in sorted(HERE.glob("*/*-seed*")) if records(run)]
     lines = ["# Test-bed calibration: every run", "",
              "From the runs' metrics.jsonl in this folder (`make_report.py`). Accuracy: 100 held-out problems, mean "
              "over 2 samples at temperature 0.6; greedy: one greedy completion each; change = final - iteration 0 (the "
