@@ -73,6 +73,8 @@ def build(output_dir: str, steps: int, ippo: bool = True, **ippo_fields):
                                     for e in task.split("validation")])
     config = IPPOConfig(  # I-PPO: instead of GRPOConfig
         **settings, **{"ippo_val_size": 8, "ippo_tol": 0.0,  # I-PPO (defaults: 64 pairs per generation batch, tol 0)
+                       # V here costs about half a plain step; "ippo_val_every": 4 computes it at every 4th
+                       # generation batch only (0.07 of a step, benchmarks/RESULTS.md)
                        **ippo_fields})
     return IPPOGRPOTrainer(  # I-PPO: instead of GRPOTrainer
         model=model, reward_funcs=make_reward(task), args=config, train_dataset=train, processing_class=tokenizer,
