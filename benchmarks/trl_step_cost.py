@@ -82,9 +82,15 @@ def main() -> None:
     for round_ in range(args.rounds):
         for arm in ARMS:
             result = args.out / f"trl_step_cost-{arm}-{round_}.json"
-            kept = json.loads(result.read_text()) if args.resume and result.is_file() else None
-            if kept is not None and len(kept["step_cpu_s"]) != args.steps:
-                parser.error(f"--resume: {result} has {len(kept['step_cpu_s'])} steps, not --steps {args.steps}")
+            kept = None
+            if args.resume and result.is_file():
+                try:
+                    kept = json.loads(result.read_text())
+                    steps = len(kept["step_cpu_s"])
+                except (ValueError, KeyError, TypeError) as err:
+                    parser.error(f"--resume: {result} is not a result of this benchmark ({err}); delete it to rerun")
+                if steps != args.steps:
+                    parser.error(f"--resume: {result} has {steps} steps, not --steps {args.steps}")
             if kept is None:
                 print(f"round {round_ + 1}/{args.rounds}: {arm} ...", flush=True)
                 subprocess.run([sys.executable, __file__, "--arm", arm, "--result", str(result), "--steps",
