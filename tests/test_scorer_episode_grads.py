@@ -149,8 +149,9 @@ def test_a_used_scorer_is_freed_by_reference_counting(episode_grads):
     gc.collect()
     gc.disable()
     try:
-        scorer = run(model, val_grads_of(model), random_episodes(LENGTHS)) if episode_grads else None
-        if not episode_grads:
+        if episode_grads:
+            scorer = run(model, val_grads_of(model), random_episodes(LENGTHS))
+        else:
             *inputs, segment_ids = batch(random_episodes(LENGTHS), row_length=15)
             with InfluenceScorer(model, val_grads_of(model), segment_ids, len(LENGTHS), sketch_dim=12) as scorer:
                 episode_losses(model, *inputs).sum().backward()

@@ -73,6 +73,15 @@ def test_one_backward_equals_two_pass_when_a_micro_batch_keeps_nothing(tmp_path,
     assert_same_weights(two_final, one_final, before, rtol=1e-10)
 
 
+def test_one_backward_equals_two_pass_with_val_every(tmp_path):
+    """ippo_val_every=2: V computed at batches 0 and 2, reused at 1, on both paths alike."""
+    two, before, two_final = trained(IPPOGRPOTrainer, tmp_path / "two", False, max_steps=3, ippo_val_every=2)
+    one, _, one_final = trained(IPPOGRPOTrainer, tmp_path / "one", True, max_steps=3, ippo_val_every=2)
+    assert (two.ippo_path, one.ippo_path) == ("two-pass", "one-backward")
+    assert (two._ippo_draws, two._ippo_batches) == (one._ippo_draws, one._ippo_batches) == (2, 3)
+    assert_same_weights(two_final, one_final, before, rtol=1e-10)
+
+
 def test_one_backward_with_gradient_checkpointing(tmp_path):
     """TRL's default gradient checkpointing (non-reentrant): the re-run forward adds nothing to the scores or to the
     rows' gradients."""

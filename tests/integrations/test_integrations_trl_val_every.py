@@ -1,15 +1,15 @@
 """``ippo_val_every`` (issue 20): the validation gradient V is computed at every k-th generation batch and reused in
-between, on both paths; ``ippo_score="adam"`` preconditions the reused V afresh; a run resumed between two draws
-computes V again from the latest draw's rows and then draws as the uninterrupted run."""
+between (the one-backward path with it: test_integrations_trl_one_backward.py); ``ippo_score="adam"``
+preconditions the reused V afresh; a run resumed between two draws computes V again from the latest draw's rows and
+then draws as the uninterrupted run."""
 
 import json
 import shutil
 
 import torch
-from _trl_tiny import RecordingGRPO, float64_exact, lora_state, make_trainer, one_thread  # noqa: F401
+from _trl_tiny import RecordingGRPO, make_trainer, one_thread  # noqa: F401
 
 import ippo.integrations.trl as trl
-from ippo.integrations.trl import IPPOGRPOTrainer
 
 # 2 of the 6 validation pairs per draw (so that draws differ); runs go on whatever is kept
 SETTINGS = dict(ippo_val_size=2, ippo_stop_when_empty=False)
@@ -52,23 +52,6 @@ def test_adam_preconditions_the_reused_v_afresh(tmp_path, monkeypatch):
     assert same(records[1]["val_grads"], calls[1][1])
     assert same(records[0]["val_grads"], calls[0][0])  # before the first step P = 1 ...
     assert not same(records[1]["val_grads"], records[0]["val_grads"])  # ... after it, the optimizer's P
-
-
-def test_one_backward_equals_two_pass_with_val_every(tmp_path):
-    runs = {}
-    for one_backward in (False, True):
-        trainer = make_trainer(IPPOGRPOTrainer, tmp_path / str(one_backward), ippo_one_backward=one_backward,
-                               max_steps=3, ippo_val_every=2, per_device_train_batch_size=2,
-                               gradient_accumulation_steps=2, ippo_val_size=4, perturb=True, seed=1)
-        float64_exact(trainer)
-        before = lora_state(trainer.model)
-        trainer.train()
-        assert (trainer._ippo_draws, trainer._ippo_batches) == (2, 3)
-        runs[trainer.ippo_path] = lora_state(trainer.model)
-    two, one = runs["two-pass"], runs["one-backward"]
-    assert max((two[k] - before[k]).abs().max().item() for k in two) > 1e-4
-    for key in two:
-        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-10 * two[key].abs().max().item(), msg=key)
 
 
 def test_resume_between_draws(tmp_path):
