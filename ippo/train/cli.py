@@ -11,11 +11,15 @@ import time
 from pathlib import Path
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
-    """One option per :class:`Config` field, with the help text declared next to the field."""
-    from ippo.train.config import Config, flag
+def _add_config_options(parser: argparse.ArgumentParser, skip=(), preset: str | None = None) -> None:
+    """One option per :class:`Config` field, with the help text declared next to the field; its default is the
+    field's, or ``preset``'s value (``--preset``, also added here: a pre-parse reads it, see :func:`main`)."""
+    from ippo.train.config import PRESETS, Config, flag, preset_config
 
-    defaults = Config()
+    defaults = preset_config(preset)
+    parser.add_argument("--preset", default=preset, choices=tuple(PRESETS),
+                        help="a named set of defaults that explicit options override: testbed = the test bed of "
+                        "reports/testbed-calibration (the defaults below show the preset's values when it is given)")
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
@@ -35,7 +39,8 @@ def _config(args, **override):
     return Config(**(values | override))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The ``ippo`` parser; with ``preset`` (a :data:`config.PRESETS` name) its values are the config defaults."""
     parser = argparse.ArgumentParser(
         prog="ippo", description="Thin I-PPO trainer: SFT warm start (cached), then SFT / PPO / GRPO / I-PPO on a "
         "LoRA policy, with eval metrics, a report and resumable checkpoints. With no options, `ippo train` runs the "
@@ -54,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (LoRA, value head, optimizer, RNG); "
                         "--iterations may be raised")
-    _add_config_options(p)
+    _add_config_options(p, preset=preset)
 
     p = sub.add_parser("sft", help="only the SFT warm start (cached) and an eval of it",
                        description="Train (or reuse from the cache) the SFT warm start and evaluate it.")
     common(p, "run directory (default runs/sft-warmstart-seed<seed>)")
-    _add_config_options(p, skip=("algo", "iterations"))
+    _add_config_options(p, skip=("algo", "iterations"), preset=preset)
 
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run directory",
                        description="Evaluate a run's newest checkpoint on the eval split; prints the metrics as JSON.")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume each run that has a checkpoint (with --seeds: "
                    "finished runs are skipped, and a run whose config.json differs from the sweep's, but for what "
                    "`ippo train --resume` may change, is neither resumed nor counted: the report names it, exit 1)")
-    _add_config_options(p, skip=("algo",))
+    _add_config_options(p, skip=("algo",), preset=preset)
 
     p = sub.add_parser("probe", help="score many rollout draws at the SFT warm start (no training): how well the "
                        "scores find flipped rewards and unfaithful episodes, and how stable they are",
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "options)")
     p.add_argument("--no-stability", action="store_true", help="skip the stability scores (two more validation "
                    "gradients and scoring passes per draw)")
-    _add_config_options(p)
+    _add_config_options(p, preset=preset)
 
     p = sub.add_parser("attribute", help="TracIn attribution of a run's stored episodes (train --sketch-dim) to the "
                        "SFT loss of a validation set",
@@ -126,7 +131,12 @@ def _print_eval(label: str, ev: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # --preset first: it sets the defaults of the real parse
+    pre.add_argument("--preset", default=None)
+    preset = pre.parse_known_args(argv)[0].preset
+    from ippo.train.config import PRESETS
+
+    args = build_parser(preset if preset in PRESETS else None).parse_args(argv)  # an unknown name: argparse's error
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:

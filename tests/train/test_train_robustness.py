@@ -15,7 +15,7 @@ from helpers import cfg_for, kill_sft_warm_start, records, run, saved_tiny
 from safetensors.torch import load_file, save_file
 
 from ippo.train import cli, report
-from ippo.train.config import Config, flag
+from ippo.train.config import Config, flag, preset_config
 
 
 def checkpoint_files(run_dir):
@@ -129,6 +129,43 @@ def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, args, named):
     assert cli.main(["train", "--out", str(tmp_path / "run"), *args]) == 2
     assert f"ippo train: error: {named} must" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _parsed_config(monkeypatch, argv):
+    """The Config that ``ippo argv`` would run (train, probe) or sweep (compare --seeds), caught before any work."""
+    from ippo.train import compare, probe, trainer
+
+    seen = []
+
+    def catch(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    for module, name in ((trainer, "train"), (probe, "probe"), (compare, "run_all")):
+        monkeypatch.setattr(module, name, catch)
+    assert cli.main(argv) == 130
+    return seen[0]
+
+
+@pytest.mark.parametrize("command", [["train"], ["probe"], ["compare", "--seeds", "0"]])
+def test_preset_sets_the_defaults_and_explicit_options_win(tmp_path, monkeypatch, command):
+    from ippo.train.config import PRESETS
+
+    preset = PRESETS["testbed"]
+    cfg = _parsed_config(monkeypatch, [*command, "--preset", "testbed", "--out", str(tmp_path / "a")])
+    assert {name: getattr(cfg, name) for name in preset} == preset
+    assert {name: getattr(Config(), name) for name in preset} != preset  # the preset changes something
+    cfg = _parsed_config(monkeypatch, [*command, "--lr", "3e-4", "--preset=testbed", "--temperature", "0.7",
+                                       "--out", str(tmp_path / "b")])
+    assert (cfg.lr, cfg.temperature, cfg.sft_steps) == (3e-4, 0.7, preset["sft_steps"])
+
+
+def test_unknown_preset_is_refused_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--preset", "nope"])
+    assert exit_.value.code == 2 and "--preset" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--preset must be one of"):
+        preset_config("nope")
 
 
 # ------------------------------------------------------------------------------------------- F3 interrupted writes
