@@ -81,12 +81,16 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
                        flip_recall=float((~keep[buf.flipped]).float().mean()),
                        flip_recall_random=1 - float(keep.float().mean()))
     correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
-    correct = torch.tensor(correct, dtype=torch.bool, device=advantage.device)
-    unfaithful = torch.tensor(unfaithful, dtype=torch.bool, device=advantage.device)[correct]
-    out.update(unfaithful=int(unfaithful.sum()), unfaithful_auc_advantage=stats.low_auc(advantage[correct], unfaithful))
+    out.update(unfaithful=int(unfaithful.sum()), **unfaithful_auc("advantage", advantage, correct, unfaithful))
     if scores is not None:
-        out["unfaithful_auc_score"] = stats.low_auc(scores[correct], unfaithful)
+        out.update(unfaithful_auc("score", scores, correct, unfaithful))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def unfaithful_auc(name: str, values: Tensor, correct: Tensor, unfaithful: Tensor) -> dict:
+    """unfaithful_auc_<name>: among the episodes whose final answer is right, how well low ``values`` find those
+    with a wrong step (stats.low_auc; None where a class is empty). ``correct``, ``unfaithful``: (E,) bool."""
+    return {f"unfaithful_auc_{name}": stats.low_auc(values.cpu()[correct], unfaithful[correct])}
 
 
 def flip_aucs(name: str, values: Tensor, buf: Buffer) -> dict:
@@ -107,18 +111,20 @@ def distinct_per_group(ro: Rollout) -> float:
     return len(set(zip(ro.group.tolist(), ro.texts))) / len(ro.group.unique())
 
 
-def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple[list[bool], list[bool]]:
-    """Per episode: the final answer is right (``task.check_answer``), and it has a wrong step (``check_steps``);
-    a checker that raises counts as a wrong answer (it is counted where the reward is computed)."""
-    correct, wrong_step = [], []
+def faithfulness(task: Task, texts: list[str], examples: list[Example]) -> tuple[Tensor, Tensor]:
+    """(E,) bool each: the final answer is right (``task.check_answer``), and right with a wrong step
+    (``check_steps``: unfaithful); a checker that raises counts as a wrong answer (it is counted where the reward is
+    computed)."""
+    correct, unfaithful = [], []
     for text, example in zip(texts, examples):
         try:
-            correct.append(bool(task.check_answer(text, example)))
-            wrong_step.append(task.check_steps(text)[1] > 0)
+            right = bool(task.check_answer(text, example))
+            correct.append(right)
+            unfaithful.append(right and task.check_steps(text)[1] > 0)
         except Exception:
             correct.append(False)
-            wrong_step.append(False)
-    return correct, wrong_step
+            unfaithful.append(False)
+    return torch.tensor(correct, dtype=torch.bool), torch.tensor(unfaithful, dtype=torch.bool)
 
 
 # =========================================================================== ippo probe
@@ -131,9 +137,9 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     ``out_dir`` and return the JSON's content (config, draws, summary).
 
     ``variants``: other ``--score`` values scored on the same buffer and validation draw as ``cfg.score``, each
-    with flip_auc_<variant>(_r0, _r1) and seconds_<variant> (its validation gradient and scoring pass). Draw d is
-    seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options from its next draw and
-    ends as an uninterrupted probe would."""
+    with flip_auc_<variant>(_r0, _r1), unfaithful_auc_<variant> and seconds_<variant> (its validation gradient and
+    scoring pass). Draw d is seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options from
+    its next draw and ends as an uninterrupted probe would."""
     cfg.validate()
     if draws < 1:
         raise ValueError(f"--draws must be >= 1, got {draws}")
@@ -192,8 +198,10 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
         row.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
                    spearman_advantage=stats.spearman(scores, advantage))
+        correct, unfaithful = faithfulness(L.task, buf.ro.texts, buf.ro.examples)
         per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
-                       "length": buf.mask.sum(1)} | ({} if buf.flipped is None else {"flipped": buf.flipped.float()})
+                       "length": buf.mask.sum(1), "correct": correct.float(), "unfaithful": unfaithful.float()} | (
+                           {} if buf.flipped is None else {"flipped": buf.flipped.float()})
         if stability:
             taken = set(val)
             rest = [ex for ex in val_split if ex not in taken]
@@ -213,6 +221,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                                            buf.old_logp, buf.advantages, val, timing, opt=L.opt)
             row[f"seconds_{variant}"] = time.perf_counter() - t1
             per_episode[f"score_{variant}"] = other
+            row.update(unfaithful_auc(variant, other, correct, unfaithful))
             if buf.flipped is not None:
                 row.update(flip_aucs(variant, other, buf))
         if cfg.sketch_dim:  # cosine: the score over the episode gradient's norm, estimated by its sketch's norm
@@ -256,7 +265,8 @@ def summarize(results: list[dict]) -> dict:
     an AUC the draws below 0.5 (inverted); the stop counts: draws with all rewards equal / not, and how many of each
     the paper's rule stopped, and how many evidence_empty."""
     summary = {}
-    dynamic = sorted({k for r in results for k in r if k.startswith(("flip_auc_", "seconds_")) and k not in AUCS})
+    dynamic = sorted({k for r in results for k in r
+                      if k.startswith(("flip_auc_", "unfaithful_auc_", "seconds_")) and k not in AUCS})
     for key in AUCS + CORRELATIONS + tuple(dynamic) + ("flip_recall", "flip_recall_random", "kept_fraction",
                                                         "signal_fraction", "seconds"):
         values = [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]

@@ -246,7 +246,9 @@ def test_faithfulness_auc_among_correct_episodes():
     ex = Example("2 + 3 then * 2", "2 + 3 = 5\n5 * 2 = 10\n#### 10")
     texts = ["2 + 3 = 5\n5 * 2 = 10\n#### 10", "2 + 3 = 6\n6 * 2 = 10\n#### 10", "#### 7"]
     correct, unfaithful = probe.faithfulness(task, texts, [ex] * 3)
-    assert correct == [True, True, False] and unfaithful == [False, True, False]
+    assert correct.tolist() == [True, True, False] and unfaithful.tolist() == [False, True, False]
+    assert probe.faithfulness(task, ["#### 10\n2 + 3 = 6"], [ex])[1].tolist() == [True]  # right, a wrong step
+    assert probe.faithfulness(task, ["#### 11\n2 + 3 = 6"], [ex])[1].tolist() == [False]  # wrong: not unfaithful
     mask = torch.ones(3, 2)
     ro = policy.Rollout(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), mask, 0, texts, [ex] * 3,
                    torch.zeros(3, dtype=torch.long))
@@ -319,15 +321,28 @@ def test_flip_aucs_within_each_reward_level():
     assert out["flip_auc_x_r1"] is None  # no episode at reward 1
 
 
-def test_probe_variants_and_exact_resume(tmp_path):
+def test_probe_variants_and_exact_resume(tmp_path, monkeypatch):
     """--variants score other --score values on the same draws (stratified AUCs and seconds each); a probe cut
     after 2 draws and resumed ends with the draws of an uninterrupted probe of 3."""
     cfg = cfg_for(tmp_path, algo="ippo", reward_noise=0.5, deflate_dim=8)
     kw = dict(model_and_tokenizer=tiny(), log=lambda _: None, variants=("centred", "deflated"), stability=False)
+
+    def every_other_right_and_half_of_those_unfaithful(task, texts, examples):  # the tiny model is never right
+        n = len(texts)
+        return torch.arange(n) % 2 == 0, torch.arange(n) % 4 == 0
+
+    monkeypatch.setattr(probe, "faithfulness", every_other_right_and_half_of_those_unfaithful)
     whole = probe.probe(cfg, tmp_path / "whole", 3, 4, **kw)
     for row in whole["draws"]:
         assert {"flip_auc_centred", "flip_auc_deflated", "seconds_centred", "seconds_deflated"} <= set(row)
-        assert len(row["per_episode"]["score_centred"]) == row["episodes"]
+        episodes = row["per_episode"]
+        assert len(episodes["score_centred"]) == row["episodes"]
+        right = torch.tensor(episodes["correct"]).bool()
+        for name in ("score", "centred", "deflated"):  # among the right answers, low scores find the unfaithful
+            values = torch.tensor(episodes["score" if name == "score" else f"score_{name}"])
+            expected = stats.low_auc(values[right], torch.tensor(episodes["unfaithful"]).bool()[right])
+            assert row[f"unfaithful_auc_{name}"] == pytest.approx(expected)
+    assert whole["summary"]["unfaithful_auc_deflated"]["n"] == 3
     assert whole["summary"]["flip_auc_centred"]["n"] == 3 and "inverted" in whole["summary"]["flip_auc_centred"]
     probe.probe(cfg, tmp_path / "cut", 2, 4, **kw)
     with pytest.raises(FileExistsError, match="--resume"):
