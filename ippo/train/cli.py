@@ -78,7 +78,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                        "seed) into <out>/<algo>-seed<s>, and per algorithm the mean and 95% t interval over seeds "
                        "of the final eval, with paired differences vs the first algo.")
     common(p, "output directory (default runs/compare-seed<seed>, with --seeds runs/compare-seeds)")
-    p.add_argument("--algos", default="sft,ppo,ippo", help="comma-separated algorithms (default: sft,ppo,ippo)")
+    p.add_argument("--algos", default="sft,ppo,ippo", help="comma-separated arms: an algorithm, or an algorithm with "
+                   "options of its own, ALGO:OPTION=VALUE[:...], e.g. grpo,ippo,ippo:score=centred,ippo:keep_by=random "
+                   "(run folders write ':' as '+'; default: sft,ppo,ippo)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (replaces --seed; default: none, "
                    "one run per algo with --seed)")
     p.add_argument("--resume", action="store_true", help="resume each run that has a checkpoint (with --seeds: "
@@ -175,7 +177,7 @@ def _run(args) -> int:
         ev = evaluate_run(args.run, eval_size=args.eval_size, eval_k=args.eval_k)
         print(json.dumps(ev, indent=1))
     elif args.command == "compare":
-        from ippo.train.compare import parse_algos
+        from ippo.train.compare import arm_config, arm_dir, parse_algos
 
         algos = parse_algos(args.algos)
         if args.seeds is not None:
@@ -183,7 +185,7 @@ def _run(args) -> int:
         from ippo.train.checkpoint import check_run_dir
 
         out = Path(args.out or f"runs/compare-seed{args.seed}")
-        jobs = [(algo, out / algo, _config(args, algo=algo)) for algo in algos]
+        jobs = [(algo, out / arm_dir(algo), arm_config(_config(args), algo)) for algo in algos]
         resumed = {algo: args.resume and (run / "latest.json").is_file() for algo, run, _ in jobs}
         for algo, run, cfg in jobs:  # every folder can be trained into, before the first algorithm trains
             cfg.validate()

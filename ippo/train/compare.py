@@ -1,13 +1,15 @@
-"""``ippo compare --seeds``: every (algorithm, seed) run, resumable, then per algorithm the mean and a 95% Student-t
-interval over seeds of the final eval metrics, and paired differences against the first algorithm (the runs of one
-seed share its SFT warm start and eval draw, so pairing removes the seed-to-seed spread).
+"""``ippo compare --seeds``: every (arm, seed) run, resumable, then per arm the mean and a 95% Student-t interval
+over seeds of the final eval metrics, and paired differences against the first arm (the runs of one seed share its
+SFT warm start and eval draw, so pairing removes the seed-to-seed spread). An arm is an algorithm, optionally with
+options of its own (``ippo:score=centred``, :func:`arm_config`).
 
-Runs go to ``<out>/<algo>-seed<s>``, seed by seed; ``<out>/report.md`` and ``<out>/accuracy_vs_wall.png`` hold the
-result. A run that is missing or unusable (absent, corrupt files, failed) is named in the report and left out, and
-so is (with ``--resume``) a run whose config.json differs from the sweep's for its (algorithm, seed): it is neither
-resumed nor trained over, and the report names the options that differ. ``ippo train --resume``'s rule says which
-may differ (``checkpoint.RESUME_MAY_CHANGE``: --iterations, --wall-budget, --threads, --device); a run trained past
-the sweep's --iterations or --wall-budget differs too (its numbers are not the sweep's).
+Runs go to ``<out>/<arm>-seed<s>`` (:func:`run_name`), seed by seed; ``<out>/report.md`` and
+``<out>/accuracy_vs_wall.png`` hold the result. A run that is missing or unusable (absent, corrupt files, failed) is
+named in the report and left out, and so is (with ``--resume``) a run whose config.json differs from the sweep's for
+its (arm, seed): it is neither resumed nor trained over, and the report names the options that differ. ``ippo
+train --resume``'s rule says which may differ (``checkpoint.RESUME_MAY_CHANGE``: --iterations, --wall-budget,
+--threads, --device); a run trained past the sweep's --iterations or --wall-budget differs too (its numbers are not
+the sweep's).
 """
 
 from __future__ import annotations
@@ -58,15 +60,52 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_algos(text: str) -> list[str]:
-    """``--algos`` "ppo,ippo" as distinct algorithms; ValueError naming --algos otherwise."""
-    algos = [a.strip() for a in text.split(",") if a.strip()]
-    if not algos or any(a not in ALGOS for a in algos) or len(set(algos)) != len(algos):
-        raise ValueError(f"--algos must name distinct algorithms among {ALGOS}, got {text!r}")
-    return algos
+    """``--algos`` "grpo,ippo,ippo:score=centred,ippo:keep_by=random" as distinct arms (:func:`arm_config`);
+    ValueError naming --algos otherwise."""
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    if not arms or len(set(arms)) != len(arms):
+        raise ValueError(f"--algos must name distinct arms, got {text!r}")
+    for arm in arms:
+        arm_config(Config(), arm)
+    return arms
 
 
-def run_name(algo: str, seed: int) -> str:
-    return f"{algo}-seed{seed}"
+def arm_config(cfg: Config, arm: str) -> Config:
+    """``cfg`` for one arm of a sweep: ``ALGO`` or ``ALGO:OPTION=VALUE[:OPTION=VALUE...]`` (an algorithm of
+    ``ALGOS`` and options of :class:`Config` other than algo and seed, spelled as fields or flags: ``keep_by=random``,
+    ``keep-by=random``; bools as true/false), e.g. ``ippo:score=centred``. ValueError naming --algos for an unknown
+    algorithm or option or a value of the wrong type; the values' ranges are checked by ``Config.validate``."""
+    algo, *settings = arm.split(":")
+    if algo not in ALGOS:
+        raise ValueError(f"--algos: arm {arm!r}: the algorithm must be one of {ALGOS}")
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("algo", "seed")}
+    options = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in types or not text or name in options:
+            raise ValueError(f"--algos: arm {arm!r}: {setting!r} must be OPTION=VALUE with a distinct option of "
+                             f"`ippo train` other than algo and seed")
+        try:
+            if types[name] == "bool":
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                options[name] = text.lower() == "true"
+            else:
+                options[name] = {"int": int, "float": float}.get(types[name], str)(text)
+        except ValueError:
+            raise ValueError(f"--algos: arm {arm!r}: {name} must be of type {types[name]}, got {text!r}") from None
+    return dataclasses.replace(cfg, algo=algo, **options)
+
+
+def arm_dir(arm: str) -> str:
+    """``arm`` as a folder name (``:`` written as ``+``): ``ippo``, ``ippo+score=centred``."""
+    return arm.replace(":", "+")
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The run folder of ``arm`` and ``seed``: ``ippo-seed0``, ``ippo+score=centred-seed0``."""
+    return f"{arm_dir(arm)}-seed{seed}"
 
 
 def _finished(run: Path, cfg: Config) -> bool:
@@ -107,7 +146,7 @@ def run_all(cfg: Config, algos: list[str], seeds: list[int], out: Path, resume: 
     from ippo.train.trainer import train
 
     jobs = [(algo, seed) for seed in seeds for algo in algos]
-    cfgs = {job: dataclasses.replace(cfg, algo=job[0], seed=job[1]) for job in jobs}
+    cfgs = {job: dataclasses.replace(arm_config(cfg, job[0]), seed=job[1]) for job in jobs}
     for c in cfgs.values():
         c.validate()
     check_dir_path(out, "--out")

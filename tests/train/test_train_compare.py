@@ -239,3 +239,40 @@ def test_compare_without_seeds_checks_every_folder_before_any_work(tmp_path, cap
     capsys.readouterr()
     assert cli.main(["compare", *sweep_args(tmp_path, out, "--algos", "ppo,grpo")]) == 2
     assert "holds no ippo run" in capsys.readouterr().err and not (out / "ppo").exists()
+
+
+def test_arm_config_parses_an_algorithm_with_options_of_its_own():
+    base = config.Config(lr=1e-3)
+    arm = compare.arm_config(base, "ippo:score=centred:keep-by=random:tol=0.5:stop_patience=3:eval_greedy=false")
+    assert (arm.algo, arm.score, arm.keep_by, arm.tol, arm.stop_patience, arm.eval_greedy) == (
+        "ippo", "centred", "random", 0.5, 3, False)
+    assert arm.lr == 1e-3 and compare.arm_config(base, "grpo") == config.Config(algo="grpo", lr=1e-3)
+    assert compare.run_name("ippo:score=centred", 2) == "ippo+score=centred-seed2"
+    assert compare.run_name("ppo", 0) == "ppo-seed0"
+    for bad, why in [("nope:score=raw", "the algorithm must be one of"), ("ippo:colour=red", "OPTION=VALUE"),
+                     ("ippo:seed=1", "OPTION=VALUE"), ("ippo:algo=ppo", "OPTION=VALUE"), ("ippo:tol", "OPTION=VALUE"),
+                     ("ippo:tol=1:tol=2", "OPTION=VALUE"), ("ippo:tol=high", "tol must be of type float"),
+                     ("ippo:stop_patience=1.5", "stop_patience must be of type int"),
+                     ("ippo:eval_greedy=yes", "eval_greedy must be of type bool")]:
+        with pytest.raises(ValueError, match=f"--algos: arm {bad!r}: .*{why}"):
+            compare.parse_algos(f"grpo,{bad}")
+    with pytest.raises(ValueError, match="distinct arms"):
+        compare.parse_algos("ippo:score=raw,ippo:score=raw")
+
+
+def test_compare_runs_arms_with_their_own_options(tmp_path):
+    """--algos grpo,ippo:keep_by=random: each arm trains with its options into its own folder, and the report pairs
+    it with the first arm."""
+    saved_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    arms = "grpo,ippo:keep_by=random:ippo_base=grpo"
+    assert cli.main(["compare", *sweep_args(tmp_path, out, "--algos", arms, "--seeds", "0")]) == 0
+    saved = json.loads((out / "ippo+keep_by=random+ippo_base=grpo-seed0" / "config.json").read_text())
+    assert (saved["algo"], saved["keep_by"], saved["ippo_base"]) == ("ippo", "random", "grpo")
+    assert json.loads((out / "grpo-seed0" / "config.json").read_text())["keep_by"] == "score"
+    md = (out / "report.md").read_text()
+    assert "ippo:keep_by=random:ippo_base=grpo - grpo" in md and f"--algos {arms}" in md
+    assert cli.main(["compare", *sweep_args(tmp_path, out, "--algos", arms, "--seeds", "0", "--resume")]) == 0
+    one = tmp_path / "one-seed"  # without --seeds: <out>/<arm>
+    assert cli.main(["compare", *sweep_args(tmp_path, one, "--algos", "grpo,ippo:keep_by=random")]) == 0
+    assert json.loads((one / "ippo+keep_by=random" / "config.json").read_text())["keep_by"] == "random"
