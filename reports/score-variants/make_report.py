@@ -51,7 +51,7 @@ def names(probe: dict) -> list[tuple[str, str]]:
 
 def table(draws: list[dict], scores: list[tuple[str, str]]) -> str:
     head = ("| score | " + " | ".join(f"flip AUC {label}" for _, label in LEVELS)
-            + " | faithfulness AUC | seconds per draw |\n|---" + "|---" * (len(LEVELS) + 3) + "|\n")
+            + " | faithfulness AUC | seconds per draw |\n" + "|---" * (len(LEVELS) + 3) + "|\n")
     lines = []
     for label, key in scores:
         aucs = [cell(stat([r[f"flip_auc_{key}{sfx}"] for r in draws if f"flip_auc_{key}{sfx}" in r]))
@@ -76,7 +76,8 @@ def plot(draws: list[dict], scores: list[tuple[str, str]], path: Path, title: st
         for i, values in enumerate(data, 1):
             ax.plot([i + 0.06 * ((j % 5) - 2) for j in range(len(values))], values, "o", ms=2.5, alpha=0.5,
                     color="C0")
-        ax.set_xticks(range(1, len(scores) + 1), [k for _, k in scores], fontsize=8, rotation=30)
+        ax.set_xticks(range(1, len(scores) + 1), [label.split(" (")[0] for label, _ in scores], fontsize=8,
+                      rotation=30)
         ax.axhline(0.5, color="grey", ls="--", lw=1)
         ax.set_title(f"flip AUC, {label}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -85,6 +86,30 @@ def plot(draws: list[dict], scores: list[tuple[str, str]], path: Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def widths(groups: dict[str, list[tuple[Path, dict]]]) -> list[str]:
+    """The deflated score's AUCs per --deflate-dim (the sketch width of its top directions), over every probe that
+    scored it (as --score or a variant) on the same seeds' draws."""
+    rows: dict[int, list[dict]] = {}
+    for group in groups.values():
+        for _, probe in group:
+            key = "score" if probe["config"]["score"] == "deflated" else "deflated"
+            if key == "score" or "deflated" in probe["variants"]:
+                rows.setdefault(probe["config"]["deflate_dim"], []).extend(
+                    {f"flip_auc_deflated{sfx}": r[f"flip_auc_{key}{sfx}"] for sfx, _ in LEVELS
+                     if f"flip_auc_{key}{sfx}" in r} | {"seed": probe["config"]["seed"]} for r in probe["draws"])
+    if len(rows) < 2:
+        return []
+    lines = ["## deflated: how its flip AUCs move with the sketch width (--deflate-dim)\n",
+             "| width | seeds | " + " | ".join(f"flip AUC {label}" for _, label in LEVELS) + " |",
+             "|---" * (len(LEVELS) + 2) + "|"]
+    for width, draws in sorted(rows.items()):
+        cells = [cell(stat([d[f"flip_auc_deflated{sfx}"] for d in draws if f"flip_auc_deflated{sfx}" in d]))
+                 for sfx, _ in LEVELS]
+        seeds = ", ".join(str(x) for x in sorted({d["seed"] for d in draws}))
+        lines.append(f"| {width} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str]) -> None:
@@ -118,6 +143,7 @@ def main(argv: list[str]) -> None:
                 f"group of {cfg['samples_per_prompt']}: "
                 f"{statistics.fmean(r['distinct_per_group'] for r in draws):.2f}.\n",
                 table(draws, scores), f"![flip AUCs]({png})\n"]
+    out += widths(groups)
     (HERE / "summary.md").write_text("\n".join(out))
     print("\n".join(out))
 
