@@ -63,7 +63,8 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
 
     --reward-noise: flipped (count), flip_auc_score / _advantage / _random (the random one from ``seed``: 0.5
     expected), each also within a reward level (``_r0``: among episodes whose possibly flipped reward is 0, flipped
-    right answers vs truly wrong ones; ``_r1``: flipped wrong answers vs truly right ones; see :func:`flip_aucs`),
+    right answers vs truly wrong ones; ``_r1``: flipped wrong answers vs truly right ones) and within a reward level
+    and a prompt group (``_rg``; see :func:`flip_aucs`),
     flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a random filter
     with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final answer is right
     (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
@@ -95,14 +96,18 @@ def unfaithful_auc(name: str, values: Tensor, correct: Tensor, unfaithful: Tenso
 
 def flip_aucs(name: str, values: Tensor, buf: Buffer) -> dict:
     """flip_auc_<name>: how well low ``values`` find the flipped episodes (stats.low_auc), over the buffer and within
-    each reward level: _r0 among the episodes whose (possibly flipped) reward is 0, _r1 among those at 1. Within a
-    level the advantage cannot tell a flipped episode from its neighbours by its reward, so a score that beats it
-    there knows something of the content. None where a class is empty."""
-    flipped, values = buf.flipped.cpu(), values.cpu()
+    each reward level: _r0 among the episodes whose (possibly flipped) reward is 0, _r1 among those at 1; and _rg
+    within a reward level and a prompt group (stats.stratified_low_auc: only pairs of the same group and reward).
+    Within a level the reward cannot tell a flipped episode from its neighbours, but a group-normalized advantage
+    still can, by the group's other rewards (a 0 among mostly right answers); within a group and a level every
+    advantage of grpo is the same, so only a score that reads the content beats 0.5 in _rg. None where a class is
+    empty."""
+    flipped, values, rewards = buf.flipped.cpu(), values.cpu(), buf.rewards.cpu()
     out = {f"flip_auc_{name}": stats.low_auc(values, flipped)}
     for level in (0, 1):
-        at = (buf.rewards == level).cpu()
+        at = rewards == level
         out[f"flip_auc_{name}_r{level}"] = stats.low_auc(values[at], flipped[at])
+    out[f"flip_auc_{name}_rg"] = stats.stratified_low_auc(values, flipped, buf.ro.group.cpu() * 2 + rewards.long())
     return out
 
 
@@ -137,9 +142,9 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     ``out_dir`` and return the JSON's content (config, draws, summary).
 
     ``variants``: other ``--score`` values scored on the same buffer and validation draw as ``cfg.score``, each
-    with flip_auc_<variant>(_r0, _r1), unfaithful_auc_<variant> and seconds_<variant> (its validation gradient and
-    scoring pass). Draw d is seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options from
-    its next draw and ends as an uninterrupted probe would."""
+    with flip_auc_<variant>(_r0, _r1, _rg), unfaithful_auc_<variant> and seconds_<variant> (its validation gradient
+    and scoring pass). Draw d is seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options
+    from its next draw and ends as an uninterrupted probe would."""
     cfg.validate()
     if draws < 1:
         raise ValueError(f"--draws must be >= 1, got {draws}")
@@ -200,7 +205,8 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                    spearman_advantage=stats.spearman(scores, advantage))
         correct, unfaithful = faithfulness(L.task, buf.ro.texts, buf.ro.examples)
         per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
-                       "length": buf.mask.sum(1), "correct": correct.float(), "unfaithful": unfaithful.float()} | (
+                       "length": buf.mask.sum(1), "group": buf.ro.group, "correct": correct.float(),
+                       "unfaithful": unfaithful.float()} | (
                            {} if buf.flipped is None else {"flipped": buf.flipped.float()})
         if stability:
             taken = set(val)

@@ -31,6 +31,22 @@ def low_auc(values: Tensor, positive: Tensor) -> float | None:
     return (float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def stratified_low_auc(values: Tensor, positive: Tensor, strata: Tensor) -> float | None:
+    """:func:`low_auc` over the (positive, negative) pairs of the same stratum only: each stratum's AUC weighted by
+    its pair count (finite values). ``strata``: (E,) integer labels. None when no stratum holds both classes."""
+    if strata.shape != values.shape:
+        raise ValueError(f"strata must be (E,) like values, got {tuple(strata.shape)} and {tuple(values.shape)}")
+    finite, positive, strata = values.isfinite().cpu(), positive.bool().cpu(), strata.cpu()
+    concordant, pairs = 0.0, 0
+    for label in strata.unique():
+        at = strata == label
+        auc = low_auc(values.cpu()[at], positive[at])
+        if auc is not None:
+            n = int((positive & finite)[at].sum()) * int((~positive & finite)[at].sum())
+            concordant, pairs = concordant + auc * n, pairs + n
+    return concordant / pairs if pairs else None
+
+
 def average_ranks(x: Tensor) -> Tensor:
     """Ranks 1..n of ``x`` (1 = smallest), ties sharing their average rank (float64)."""
     x = x.double()

@@ -5,7 +5,9 @@
 PROBE_DIR: folders written by run.sh (``probe-noise<p>-seed<s>/probe.json``); each is copied into this folder (the
 latest copy wins), then every probe.json here is read and its draws pooled per (options but the seed). Per score
 (the advantage and a random number as baselines; raw = the paper's <g_i, V>; every --variants score): the flip AUC
-over the buffer and within reward 0 and within reward 1 (low value finds a flipped reward; 0.5 = chance), each as
+over the buffer, within reward 0, within reward 1 and within a reward level and prompt group (only pairs of
+episodes of the same prompt and reward: grpo's advantage is constant there, so it gets exactly 0.5, and a score
+above 0.5 reads the content) (low value finds a flipped reward; 0.5 = chance), each as
 median [q1, q3] over the draws and the draws below 0.5 (inverted) of those where it is defined; the faithfulness
 AUC (among right answers, low value finds a wrong step) where such episodes occur; seconds per draw of each
 variant's validation gradient and scoring pass.
@@ -20,7 +22,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-LEVELS = (("", "all"), ("_r0", "within reward 0"), ("_r1", "within reward 1"))
+LEVELS = (("", "all"), ("_r0", "within reward 0"), ("_r1", "within reward 1"),
+          ("_rg", "within reward and prompt group"))
 
 
 def collect(dirs: list[Path]) -> None:
@@ -122,8 +125,10 @@ def main(argv: list[str]) -> None:
     out = ["# Score variants: stratified flip AUCs on the test bed's warm start\n",
            "From the probes' probe.json in this folder (`make_report.py`). Each cell: median [q1, q3] over the draws "
            "(inverted draws, AUC < 0.5 / draws where defined). A flip AUC within a reward level compares a flipped "
-           "episode with its neighbours of the same (flipped) reward, where the advantage cannot tell them apart "
-           "by the reward: a score above 0.5 there knows something of the content.\n"]
+           "episode with its neighbours of the same (flipped) reward; grpo's advantage can still tell them apart by "
+           "the other rewards of its prompt group (a 0 among mostly right answers is likely a flip). Within a reward "
+           "level and a prompt group it cannot (it is constant there: AUC 0.5), so a score above 0.5 there knows "
+           "something of the content.\n"]
     for n, group in enumerate(groups.values()):
         cfg = group[0][1]["config"]
         draws = [r for _, probe in group for r in probe["draws"]]

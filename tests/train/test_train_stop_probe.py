@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -306,19 +307,43 @@ def test_probe_json_is_valid_json_when_a_metric_is_undefined(tmp_path):
 
 
 
-def test_flip_aucs_within_each_reward_level():
+def test_flip_aucs_within_each_reward_level_and_group():
     """Within reward 0, flipped right answers vs truly wrong ones; within reward 1, flipped wrong ones vs truly right
-    ones: a value that orders both levels perfectly gets 1 in each, whatever it does across levels."""
+    ones: a value that orders both levels perfectly gets 1 in each, whatever it does across levels. Within a reward
+    level and a prompt group (_rg), a value constant in each such cell (grpo's advantage) gets exactly 0.5."""
     from types import SimpleNamespace
 
     rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     flipped = torch.tensor([True, False, False, True, False, False])
     values = torch.tensor([5.0, 6.0, 7.0, -3.0, -2.0, -1.0])  # the lowest of each level is its flipped one
-    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=rewards, flipped=flipped))
-    assert out["flip_auc_x_r0"] == 1.0 and out["flip_auc_x_r1"] == 1.0
+    group = torch.tensor([0, 0, 1, 0, 0, 1])
+    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=rewards, flipped=flipped, ro=SimpleNamespace(
+        group=group)))
+    assert out["flip_auc_x_r0"] == 1.0 and out["flip_auc_x_r1"] == 1.0 and out["flip_auc_x_rg"] == 1.0
     assert out["flip_auc_x"] == pytest.approx(stats.low_auc(values, flipped)) and out["flip_auc_x"] < 1
-    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=torch.zeros(6), flipped=flipped))
+    by_cell = torch.tensor([1.0, 1.0, -9.0, 2.0, 2.0, 9.0])  # constant within (group, reward): finds flips elsewhere
+    out = probe.flip_aucs("a", by_cell, SimpleNamespace(rewards=rewards, flipped=flipped, ro=SimpleNamespace(
+        group=group)))
+    assert out["flip_auc_a_rg"] == 0.5 and out["flip_auc_a_r0"] != 0.5
+    out = probe.flip_aucs("x", values, SimpleNamespace(rewards=torch.zeros(6), flipped=flipped, ro=SimpleNamespace(
+        group=group)))
     assert out["flip_auc_x_r1"] is None  # no episode at reward 1
+
+
+def test_stratified_low_auc_pools_the_pairs_of_each_stratum():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        values = torch.randint(0, 4, (12,), generator=generator).float()
+        values[0] = math.nan if _ % 5 == 0 else values[0]  # a non-finite value is left out, as low_auc does
+        positive = torch.rand(12, generator=generator) < 0.4
+        strata = torch.randint(0, 3, (12,), generator=generator)
+        pairs = [(v, w) for i, j in itertools.product(range(12), repeat=2)
+                 for v, w in [(float(values[i]), float(values[j]))]
+                 if positive[i] and not positive[j] and strata[i] == strata[j] and math.isfinite(v + w)]
+        expected = sum(1.0 if v < w else 0.5 if v == w else 0.0 for v, w in pairs) / len(pairs) if pairs else None
+        assert stats.stratified_low_auc(values, positive, strata) == pytest.approx(expected)
+    assert stats.stratified_low_auc(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.tensor([0, 1])) \
+        is None  # no stratum holds both classes
 
 
 def test_probe_variants_and_exact_resume(tmp_path, monkeypatch):
