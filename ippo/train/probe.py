@@ -141,10 +141,10 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
     """Run ``draws`` draws of ``cfg`` at its SFT warm start; write ``probe.json`` and ``probe.png`` into
     ``out_dir`` and return the JSON's content (config, draws, summary).
 
-    ``variants``: other ``--score`` values scored on the same buffer and validation draw as ``cfg.score``, each
-    with flip_auc_<variant>(_r0, _r1, _rg), unfaithful_auc_<variant> and seconds_<variant> (its validation gradient
-    and scoring pass). Draw d is seeded by (seed, d) alone, so ``resume`` continues a probe.json of the same options
-    from its next draw and ends as an uninterrupted probe would."""
+    ``variants``: other ``--score`` values scored on the same buffer and validation draw as ``cfg.score``, each with
+    flip_auc_<variant>(_r0, _r1, _rg), unfaithful_auc_<variant> and seconds_<variant> (its validation gradient and
+    scoring pass; seconds_score: the same for ``cfg.score``). Draw d is seeded by (seed, d) alone, so ``resume``
+    continues a probe.json of the same options from its next draw and ends as an uninterrupted probe would."""
     cfg.validate()
     if draws < 1:
         raise ValueError(f"--draws must be >= 1, got {draws}")
@@ -185,10 +185,12 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
         buf = rollout(L, d, timing)
         val = L.rng.sample(val_split, min(cfg.val_size, len(val_split)))
         compute_advantages(cfg, buf)
+        t1 = time.perf_counter()
         if cfg.sketch_dim:
             scores, sketches = _score(L, buf, val, timing, sketches=True)
         else:
             scores = _score(L, buf, val, timing)
+        seconds_score = time.perf_counter() - t1
         L.empty_streak, record = 0, {}
         keep, _, _ = scoring.filter_episodes(L, buf, scores, record)
         signal = pm.signal_episodes(buf.rewards, buf.ro.group)
@@ -199,7 +201,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "signal_fraction": float(signal.float().mean()),
                "evidence_empty": not bool(((scores > cfg.tol) & signal).any()),
                "kept_fraction": float(keep.float().mean()),
-               "distinct_per_group": distinct_per_group(buf.ro),
+               "distinct_per_group": distinct_per_group(buf.ro), "seconds_score": seconds_score,
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
         row.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
                    spearman_advantage=stats.spearman(scores, advantage))

@@ -359,7 +359,8 @@ def test_probe_variants_and_exact_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "faithfulness", every_other_right_and_half_of_those_unfaithful)
     whole = probe.probe(cfg, tmp_path / "whole", 3, 4, **kw)
     for row in whole["draws"]:
-        assert {"flip_auc_centred", "flip_auc_deflated", "seconds_centred", "seconds_deflated"} <= set(row)
+        assert {"flip_auc_centred", "flip_auc_deflated", "seconds_centred", "seconds_deflated",
+                "seconds_score"} <= set(row) and 0 < row["seconds_score"] < row["seconds"]
         episodes = row["per_episode"]
         assert len(episodes["score_centred"]) == row["episodes"]
         right = torch.tensor(episodes["correct"]).bool()
