@@ -45,7 +45,8 @@ def row(run: Path) -> dict:
     last = max(by_iteration)
     start, final = evals.get(0, {}), evals.get(last, {})
     return {"run": f"{run.parent.name}/{run.name}", "iterations": last, "wall": by_iteration[last].get("wall", 0.0),
-            "start": start.get("accuracy"), "mid": evals.get(10, {}).get("accuracy"),
+            "start": start.get("accuracy"), "n": start.get("n_questions"),
+            "mid": evals.get(json.loads((run / "config.json").read_text())["iterations"] // 2, {}).get("accuracy"),
             "final": final.get("accuracy") if last else None,
             "start_greedy": start.get("greedy_accuracy"), "final_greedy": final.get("greedy_accuracy") if last else None,
             "distinct": statistics.fmean(first) if first else None,
@@ -60,17 +61,19 @@ def main(argv: list[str]) -> None:
     collect([Path(a) for a in argv])
     rows = [row(run) for run in sorted(HERE.glob("*/*-seed*")) if records(run)]
     lines = ["# Test-bed calibration: every run", "",
-             "From the runs' metrics.jsonl in this folder (`make_report.py`). Accuracy: 100 held-out problems, mean "
-             "over 2 samples at temperature 0.6; greedy: one greedy completion each; change = final - iteration 0 (the "
+             "From the runs' metrics.jsonl in this folder (`make_report.py`). Accuracy: the same n held-out problems "
+             "at every eval, mean over 2 samples at temperature 0.6; greedy: one greedy completion each; acc mid: at "
+             "half the run's iterations; change = final - iteration 0 (the "
              "warm start, same problems). distinct: distinct completions per prompt group of 8 at iterations 1-3 "
              "(sampled at temperature 1.0 from the warm start, give or take the first updates). wall: training "
              "seconds (eval excluded) on one thread of a shared 2-core machine.", "",
-             "| run | iterations | wall (s) | acc it 0 | acc it 10 | acc final | change | greedy it 0 | greedy final | "
-             "greedy change | distinct of 8 | mean reward |", "|---" * 12 + "|"]
+             "| run | iterations | wall (s) | eval n | acc it 0 | acc mid | acc final | change | greedy it 0 | "
+             "greedy final | greedy change | distinct of 8 | mean reward |", "|---" * 13 + "|"]
     for r in rows:
         change = None if None in (r["final"], r["start"]) else r["final"] - r["start"]
         greedy = None if None in (r["final_greedy"], r["start_greedy"]) else r["final_greedy"] - r["start_greedy"]
-        lines.append(f"| {r['run']} | {r['iterations']} | {r['wall']:.0f} | {fmt(r['start'])} | {fmt(r['mid'])} | "
+        lines.append(f"| {r['run']} | {r['iterations']} | {r['wall']:.0f} | {r['n']} | {fmt(r['start'])} | "
+                     f"{fmt(r['mid'])} | "
                      f"{fmt(r['final'])} | {fmt(change, 3) if change is None else f'{change:+.3f}'} | "
                      f"{fmt(r['start_greedy'])} | {fmt(r['final_greedy'])} | "
                      f"{fmt(greedy) if greedy is None else f'{greedy:+.3f}'} | {fmt(r['distinct'], 2)} | "
