@@ -279,7 +279,8 @@ def summarize(results: list[dict]) -> dict:
                                                         "signal_fraction", "seconds"):
         values = [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]
         if values:
-            q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+            q1, _, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1  # within [min, max]
+                         else (values[0],) * 3)
             summary[key] = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
                             "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
             if "auc" in key:

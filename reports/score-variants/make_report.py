@@ -36,7 +36,7 @@ def collect(dirs: list[Path]) -> None:
 def stat(values: list[float]) -> dict | None:
     if not values:
         return None
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
     return {"n": len(values), "median": statistics.median(values), "q1": q1, "q3": q3,
             "inverted": sum(v < 0.5 for v in values)}
 

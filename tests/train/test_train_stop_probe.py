@@ -396,3 +396,11 @@ def test_probe_on_the_grpo_base_scores_grpo_advantages(tmp_path):
     torch.testing.assert_close(advantages, pm.grpo_advantages(rewards, groups).to(advantages.dtype), rtol=0,
                                atol=1e-6)
     assert advantages.abs().sum() > 0
+
+
+def test_probe_summary_quartiles_stay_within_the_draws():
+    """Two draws of AUC 0.2 and 0.4: quartiles by linear interpolation between them, never outside [min, max]."""
+    rows = [{"flip_auc_score": v, "all_equal": False, "paper_stop": False, "evidence_empty": False} for v in (0.2, 0.4)]
+    summary = probe.summarize(rows)["flip_auc_score"]
+    assert (summary["q1"], summary["median"], summary["q3"]) == pytest.approx((0.25, 0.3, 0.35))
+    assert summary["inverted"] == 2 and summary["n"] == 2
