@@ -70,7 +70,7 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
     unfaithful_auc_score / _advantage.
     """
-    advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
+    advantage = episode_advantage(buf)
     out: dict = {}
     if buf.flipped is not None:
         noise = torch.rand(len(keep), generator=torch.Generator().manual_seed(
@@ -92,6 +92,14 @@ def unfaithful_auc(name: str, values: Tensor, correct: Tensor, unfaithful: Tenso
     """unfaithful_auc_<name>: among the episodes whose final answer is right, how well low ``values`` find those
     with a wrong step (stats.low_auc; None where a class is empty). ``correct``, ``unfaithful``: (E,) bool."""
     return {f"unfaithful_auc_{name}": stats.low_auc(values.cpu()[correct], unfaithful[correct])}
+
+
+def episode_advantage(buf: Buffer) -> Tensor:
+    """(E,) float64: each episode's mean advantage over its response tokens, summed in float64, where n copies of a
+    float32 value sum exactly and divide back to it: an advantage constant over the episode (grpo's) comes out
+    exactly, whatever the length (a float32 mean differs in the last bit between lengths, which would order equal
+    advantages by length instead of tying them)."""
+    return pm.masked_mean(buf.advantages.double(), buf.mask.double(), dim=1)
 
 
 def flip_aucs(name: str, values: Tensor, buf: Buffer) -> dict:
@@ -194,7 +202,7 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
         L.empty_streak, record = 0, {}
         keep, _, _ = scoring.filter_episodes(L, buf, scores, record)
         signal = pm.signal_episodes(buf.rewards, buf.ro.group)
-        advantage = pm.masked_mean(buf.advantages, buf.mask, dim=1)
+        advantage = episode_advantage(buf)
         row = {"draw": d, "episodes": len(scores), "reward": float(buf.rewards.mean()),
                "all_equal": bool((buf.rewards == buf.rewards[0]).all()),
                "paper_stop": bool(pm.ippo_filter(scores, cfg.tol).stop),

@@ -398,6 +398,21 @@ def test_probe_on_the_grpo_base_scores_grpo_advantages(tmp_path):
     assert advantages.abs().sum() > 0
 
 
+def test_episode_advantage_ties_an_advantage_constant_over_episodes_of_any_length():
+    """grpo's advantage is one value per episode; its token mean over 24 tokens differs from that over 20 in the
+    last float32 bit, which made the advantage's within-(reward, group) flip AUC a length ranking instead of 0.5."""
+    from types import SimpleNamespace
+
+    lengths = [14, 20, 24, 31, 7, 3]
+    mask = (torch.arange(32) < torch.tensor(lengths)[:, None]).float()
+    buf = SimpleNamespace(advantages=torch.full((6, 32), -0.54006052), mask=mask)
+    assert len(set(pm.masked_mean(buf.advantages, mask, dim=1).tolist())) > 1  # the float rounding it removes
+    assert len(set(probe.episode_advantage(buf).tolist())) == 1
+    buf.rewards, buf.flipped = torch.zeros(6), torch.tensor([True, False, True, False, False, True])
+    buf.ro = SimpleNamespace(group=torch.zeros(6, dtype=torch.long))
+    assert probe.flip_aucs("advantage", probe.episode_advantage(buf), buf)["flip_auc_advantage_rg"] == 0.5
+
+
 def test_probe_summary_quartiles_stay_within_the_draws():
     """Two draws of AUC 0.2 and 0.4: quartiles by linear interpolation between them, never outside [min, max]."""
     rows = [{"flip_auc_score": v, "all_equal": False, "paper_stop": False, "evidence_empty": False} for v in (0.2, 0.4)]
