@@ -4,14 +4,15 @@
 # control, all on the grpo base, same seeds (same SFT warm starts and eval problems), one `ippo compare` sweep per
 # reward-noise level, whose report.md gives per arm the mean and 95% t interval over seeds of the final eval (200
 # problems, sampled and greedy) and the paired differences vs grpo. Every arm gets the same training wall-clock,
-# 1200 s on one thread (the filter's validation gradient and scoring pass cost I-PPO iterations; --iterations 40 is
-# room, not a target); run two lanes at most, so that every run shares the machine alike. Resumable: run it again.
+# 600 s on one thread, about grpo's 8 iterations (the filter's validation gradient and scoring pass cost I-PPO
+# iterations; --iterations 16 is room, not a target; evals only at the start and the end); run two lanes at most, so
+# that every run shares the machine alike. Resumable: run it again.
 # Usage: bash reports/testbed-comparison/run.sh NOISE SEEDS VARIANT [OUT_ROOT]
-#   e.g. bash reports/testbed-comparison/run.sh 0.3 0,1,2,3,4 centred    (about 25 minutes per run on one thread)
+#   e.g. bash reports/testbed-comparison/run.sh 0.3 0,1,2,3,4 centred    (about 17 minutes per run on one thread)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 noise=$1 seeds=$2 variant=$3 root=${4:-runs/testbed-comparison}
 exec "${PYTHON:-.venv/bin/python}" -m ippo.train.cli compare --preset testbed --reward-noise "$noise" \
-  --algos "grpo,ippo,ippo:score=$variant,ippo:keep_by=random" --seeds "$seeds" --wall-budget 1200 --iterations 40 \
-  --threads 1 --no-progress --resume \
+  --algos "grpo,ippo,ippo:score=$variant,ippo:keep_by=random" --seeds "$seeds" --wall-budget 600 --iterations 16 \
+  --eval-every 16 --threads 1 --no-progress --resume \
   --out "$root/noise$noise"
