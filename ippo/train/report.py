@@ -121,13 +121,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         _plot(runs, out_dir, "reward.png", "train reward (rollout accuracy)", [("", lambda r: r.get("reward"), "-")]),
     ]
     logged = {key for _, records in runs for r in records for key in r}
-    for name, title, kind in (("reward_noise.png", "flipped rewards found: AUC of low values (0.5 = chance)", "flip"),
-                              ("unfaithful_auc.png", "correct-but-unfaithful found: AUC of low values", "unfaithful")):
+    for name, plot_title, kind in (
+            ("reward_noise.png", "flipped rewards found: AUC of low values (0.5 = chance)", "flip"),
+            ("unfaithful_auc.png", "correct-but-unfaithful found: AUC of low values", "unfaithful")):
         series = [(by, lambda r, key=f"{kind}_auc_{by}": r.get(key), style)
                   for by, style in (("score", "-"), ("advantage", "--"), ("random", ":"))
                   if f"{kind}_auc_{by}" in logged]
         if series:
-            plots.append(_plot(runs, out_dir, name, title, series))
+            plots.append(_plot(runs, out_dir, name, plot_title, series))
     lines = [f"# {title}", "", table(summaries), ""]
     for d, s in zip(run_dirs, summaries):
         split = ", ".join(f"{k} {v:.0f}s" for k, v in s["time_split"].items())

@@ -215,7 +215,8 @@ def test_reward_noise_is_logged_and_exact_across_resume(tmp_path, algo):
         assert ("flip_auc_score" in r) == (algo == "ippo")
         assert "unfaithful_auc_score" not in r  # a random tiny model is never right: one class, not logged
     assert "flipped" not in records(tmp_path / "straight")[0]
-    report.write_report([tmp_path / "straight"], tmp_path / "report")
+    md = report.write_report([tmp_path / "straight"], tmp_path / "report", title="noisy run")
+    assert md.read_text().startswith("# noisy run\n")  # the AUC plots' titles once took the report's
     assert (tmp_path / "report" / "reward_noise.png").stat().st_size > 0
     assert not (tmp_path / "report" / "unfaithful_auc.png").exists()  # never both classes: nothing to plot
 
