@@ -287,18 +287,22 @@ def summarize(results: list[dict]) -> dict:
                                                         "signal_fraction", "seconds"):
         values = [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]
         if values:
-            q1, _, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1  # within [min, max]
-                         else (values[0],) * 3)
-            summary[key] = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
-                            "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
-            if "auc" in key:
-                summary[key]["inverted"] = sum(v < 0.5 for v in values)
+            summary[key] = describe(values, auc="auc" in key)
     for equal in (True, False):
         rows = [r for r in results if r["all_equal"] == equal]
         summary["all_equal" if equal else "mixed"] = {"draws": len(rows),
                                                       "paper_stop": sum(r["paper_stop"] for r in rows),
                                                       "evidence_empty": sum(r["evidence_empty"] for r in rows)}
     return summary
+
+
+def describe(values: list[float], auc: bool) -> dict:
+    """n, mean, median, interquartile range (q1, q3; inclusive: within [min, max]), min, max of ``values``
+    (non-empty), and for an AUC the values below 0.5 (inverted)."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    out = {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values), "q1": q1,
+           "q3": q3, "min": min(values), "max": max(values)}
+    return out | ({"inverted": sum(v < 0.5 for v in values)} if auc else {})
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:

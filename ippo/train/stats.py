@@ -36,11 +36,12 @@ def stratified_low_auc(values: Tensor, positive: Tensor, strata: Tensor) -> floa
     its pair count (finite values). ``strata``: (E,) integer labels. None when no stratum holds both classes."""
     if strata.shape != values.shape:
         raise ValueError(f"strata must be (E,) like values, got {tuple(strata.shape)} and {tuple(values.shape)}")
-    finite, positive, strata = values.isfinite().cpu(), positive.bool().cpu(), strata.cpu()
+    values, positive, strata = values.cpu(), positive.bool().cpu(), strata.cpu()
+    finite = values.isfinite()
     concordant, pairs = 0.0, 0
     for label in strata.unique():
         at = strata == label
-        auc = low_auc(values.cpu()[at], positive[at])
+        auc = low_auc(values[at], positive[at])
         if auc is not None:
             n = int((positive & finite)[at].sum()) * int((~positive & finite)[at].sum())
             concordant, pairs = concordant + auc * n, pairs + n

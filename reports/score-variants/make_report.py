@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from ippo.train.probe import describe
+
 HERE = Path(__file__).parent
 LEVELS = (("", "all"), ("_r0", "within reward 0"), ("_r1", "within reward 1"),
           ("_rg", "within reward and prompt group"))
@@ -34,11 +36,8 @@ def collect(dirs: list[Path]) -> None:
 
 
 def stat(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-    return {"n": len(values), "median": statistics.median(values), "q1": q1, "q3": q3,
-            "inverted": sum(v < 0.5 for v in values)}
+    """The probe summary's numbers of one AUC over the pooled draws (``probe.describe``); None without draws."""
+    return describe(values, auc=True) if values else None
 
 
 def cell(s: dict | None) -> str:
