@@ -54,6 +54,17 @@ def seeds_of(folder: Path) -> list[int]:
     return sorted({int(m["seed"]) for p in folder.iterdir() if (m := RUN.match(p.name))})
 
 
+def per_seed_table(results: dict, seeds: list[int]) -> str:
+    """Markdown: each seed's paired difference vs grpo of the final sampled accuracy, per arm."""
+    lines = ["Per seed, final sampled accuracy: arm - grpo.", "",
+             "| seed | " + " | ".join(f"{a} - grpo" for a in ARMS[1:]) + " |", "|---" * len(ARMS) + "|"]
+    for s in seeds:
+        cells = [f"{results[a, s]['accuracy'] - results['grpo', s]['accuracy']:+.3f}"
+                 if (a, s) in results and ("grpo", s) in results else "-" for a in ARMS[1:]]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_paired(results: dict[str, dict], seeds: dict[str, list[int]]) -> str:
     """paired.png: per noise level and arm, the paired difference vs grpo (final eval, sampled and greedy) of each
     seed (dots) and its mean with a 95% t interval (bar)."""
@@ -110,7 +121,8 @@ def main(argv: list[str]) -> None:
             lines += [f"Not finished yet (left out): {', '.join(pending)}.", ""]
         if problems:
             lines += ["Unusable runs (left out):", ""] + [f"- {name}: {why}" for name, why in problems.items()] + [""]
-        lines += ["Per run (final eval):", "", compare.runs_table(results[noise])]
+        lines += [per_seed_table(results[noise], seeds[noise]), "Per run (final eval):", "",
+                  compare.runs_table(results[noise])]
         plot = compare.plot_accuracy_vs_wall(folder, {job: folder / compare.run_name(*job)
                                                       for job in results[noise]}, ARMS)
         lines += [f"![{folder.name}/{plot}]({folder.name}/{plot})", ""]
