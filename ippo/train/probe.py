@@ -57,7 +57,8 @@ CORRELATIONS = ("spearman_disjoint", "spearman_big", "spearman_length", "spearma
 # ========================================================== per-iteration metrics (the trainer logs them)
 
 
-def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, seed: str) -> dict:
+def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, seed: str,
+                  faith: tuple[Tensor, Tensor] | None = None) -> dict:
     """How well low scores, low mean advantages and random numbers find harmful episodes (ppo_math.low_auc; a
     metric is left out where a class is empty).
 
@@ -68,7 +69,7 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
     flip_recall (flipped episodes the filter dropped) and flip_recall_random (the expected recall of a random filter
     with the same kept fraction: the dropped fraction). Faithfulness, among episodes whose final answer is right
     (by the task's checker, whatever the reward): unfaithful (count with a wrong step) and
-    unfaithful_auc_score / _advantage.
+    unfaithful_auc_score / _advantage. ``faith``: :func:`faithfulness` of the buffer where the caller has it already.
     """
     advantage = episode_advantage(buf)
     out: dict = {}
@@ -81,7 +82,7 @@ def probe_metrics(task: Task, buf: Buffer, scores: Tensor | None, keep: Tensor, 
             out.update(**flip_aucs("score", scores, buf),
                        flip_recall=float((~keep[buf.flipped]).float().mean()),
                        flip_recall_random=1 - float(keep.float().mean()))
-    correct, unfaithful = faithfulness(task, buf.ro.texts, buf.ro.examples)
+    correct, unfaithful = faith or faithfulness(task, buf.ro.texts, buf.ro.examples)
     out.update(unfaithful=int(unfaithful.sum()), **unfaithful_auc("advantage", advantage, correct, unfaithful))
     if scores is not None:
         out.update(unfaithful_auc("score", scores, correct, unfaithful))
@@ -211,9 +212,9 @@ def probe(cfg: Config, out_dir: str | Path, draws: int, big_val_size: int, stabi
                "kept_fraction": float(keep.float().mean()),
                "distinct_per_group": distinct_per_group(buf.ro), "seconds_score": seconds_score,
                "sign_agreement": float(((scores > 0) == (advantage > 0)).float().mean())}
-        row.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}"),
-                   spearman_advantage=stats.spearman(scores, advantage))
         correct, unfaithful = faithfulness(L.task, buf.ro.texts, buf.ro.examples)
+        row.update(probe_metrics(L.task, buf, scores, keep, seed=f"{cfg.seed}:{d}", faith=(correct, unfaithful)),
+                   spearman_advantage=stats.spearman(scores, advantage))
         per_episode = {"score": scores, "mean_advantage": advantage, "reward": buf.rewards,
                        "length": buf.mask.sum(1), "group": buf.ro.group, "correct": correct.float(),
                        "unfaithful": unfaithful.float()} | (

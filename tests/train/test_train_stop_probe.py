@@ -258,6 +258,9 @@ def test_faithfulness_auc_among_correct_episodes():
                    advantages=torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]]))
     out = probe.probe_metrics(task, buf, torch.tensor([0.5, -0.5, 9.0]), torch.ones(3, dtype=torch.bool), "0:1")
     assert out == {"unfaithful": 1, "unfaithful_auc_score": 1.0, "unfaithful_auc_advantage": 0.0}
+    given = (torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))  # the caller's faithfulness is used
+    assert probe.probe_metrics(task, buf, torch.tensor([0.5, -0.5, 9.0]), torch.ones(3, dtype=torch.bool), "0:1",
+                               faith=given) == {"unfaithful": 0}
 
 
 # --------------------------------------------------------------------------- ippo probe
