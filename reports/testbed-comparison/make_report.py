@@ -7,8 +7,8 @@ finished run's config.json and metrics.jsonl are copied into ``noise<N>/<arm>-se
 not); a run still training or killed before its final eval is not copied, so every number below is of a finished
 run. The tables are `ippo compare`'s own (``compare.stats_tables``, ``compare.runs_table``): per arm the mean and
 95% t interval over seeds of the final eval, the paired differences vs grpo (same seed: same warm start, same eval
-problems); ``noise<N>/accuracy_vs_wall.png`` per noise level; ``paired.png``: the paired differences of both noise
-levels side by side.
+problems) and between the filtered arms (``contrasts_table``); ``noise<N>/accuracy_vs_wall.png`` per noise level;
+``paired.png``: the paired differences vs grpo of both noise levels side by side.
 """
 
 from __future__ import annotations
@@ -62,6 +62,25 @@ def per_seed_table(results: dict, seeds: list[int]) -> str:
         cells = [f"{results[a, s]['accuracy'] - results['grpo', s]['accuracy']:+.3f}"
                  if (a, s) in results and ("grpo", s) in results else "-" for a in ARMS[1:]]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CONTRASTS = [("ippo", "ippo:keep_by=random"), ("ippo:score=centred", "ippo:keep_by=random"),
+             ("ippo:score=centred", "ippo")]
+
+
+def contrasts_table(results: dict, seeds: list[int]) -> str:
+    """Markdown: the paired differences between arms other than grpo (same seed), mean and 95% t interval: a score
+    against random keep (does the score choose better than chance at the same kept fraction?) and centred against
+    raw (which score should be the default?)."""
+    lines = ["Paired differences between the filtered arms (same seed), mean and 95% interval:", "",
+             "| contrast | accuracy (sampled) | greedy accuracy |", "|---|---|---|"]
+    for a, b in CONTRASTS:
+        cells = []
+        for key in ("accuracy", "greedy_accuracy"):
+            diffs = [results[a, s][key] - results[b, s][key] for s in seeds if (a, s) in results and (b, s) in results]
+            cells.append(mean_interval(diffs).format(3) if diffs else "-")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +140,8 @@ def main(argv: list[str]) -> None:
             lines += [f"Not finished yet (left out): {', '.join(pending)}.", ""]
         if problems:
             lines += ["Unusable runs (left out):", ""] + [f"- {name}: {why}" for name, why in problems.items()] + [""]
-        lines += [per_seed_table(results[noise], seeds[noise]), "Per run (final eval):", "",
+        lines += [contrasts_table(results[noise], seeds[noise]), per_seed_table(results[noise], seeds[noise]),
+                  "Per run (final eval):", "",
                   compare.runs_table(results[noise])]
         plot = compare.plot_accuracy_vs_wall(folder, {job: folder / compare.run_name(*job)
                                                       for job in results[noise]}, ARMS)
