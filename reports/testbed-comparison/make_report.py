@@ -54,13 +54,18 @@ def seeds_of(folder: Path) -> list[int]:
     return sorted({int(m["seed"]) for p in folder.iterdir() if (m := RUN.match(p.name))})
 
 
+def paired_diffs(results: dict, a: str, b: str, key: str, seeds: list[int]) -> list[float]:
+    """``key`` of arm ``a`` minus that of arm ``b``, per seed where both finished."""
+    return [results[a, s][key] - results[b, s][key] for s in seeds if (a, s) in results and (b, s) in results]
+
+
 def per_seed_table(results: dict, seeds: list[int]) -> str:
     """Markdown: each seed's paired difference vs grpo of the final sampled accuracy, per arm."""
     lines = ["Per seed, final sampled accuracy: arm - grpo.", "",
              "| seed | " + " | ".join(f"{a} - grpo" for a in ARMS[1:]) + " |", "|---" * len(ARMS) + "|"]
     for s in seeds:
-        cells = [f"{results[a, s]['accuracy'] - results['grpo', s]['accuracy']:+.3f}"
-                 if (a, s) in results and ("grpo", s) in results else "-" for a in ARMS[1:]]
+        cells = [f"{d[0]:+.3f}" if (d := paired_diffs(results, a, "grpo", "accuracy", [s])) else "-"
+                 for a in ARMS[1:]]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -76,10 +81,8 @@ def contrasts_table(results: dict, seeds: list[int]) -> str:
     lines = ["Paired differences between the filtered arms (same seed), mean and 95% interval:", "",
              "| contrast | accuracy (sampled) | greedy accuracy |", "|---|---|---|"]
     for a, b in CONTRASTS:
-        cells = []
-        for key in ("accuracy", "greedy_accuracy"):
-            diffs = [results[a, s][key] - results[b, s][key] for s in seeds if (a, s) in results and (b, s) in results]
-            cells.append(mean_interval(diffs).format(3) if diffs else "-")
+        cells = [mean_interval(d).format(3) if (d := paired_diffs(results, a, b, key, seeds)) else "-"
+                 for key in ("accuracy", "greedy_accuracy")]
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -97,8 +100,7 @@ def plot_paired(results: dict[str, dict], seeds: dict[str, list[int]]) -> str:
     for ax, key in zip(axes, ("accuracy", "greedy_accuracy")):
         for n_index, (noise, res) in enumerate(sorted(results.items())):
             for a_index, arm in enumerate(others):
-                diffs = [res[arm, s][key] - res["grpo", s][key] for s in seeds[noise]
-                         if (arm, s) in res and ("grpo", s) in res]
+                diffs = paired_diffs(res, arm, "grpo", key, seeds[noise])
                 if not diffs:
                     continue
                 x = a_index + (n_index - 0.5) * 0.3
