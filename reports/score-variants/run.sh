@@ -16,6 +16,6 @@ fi
 resume=()
 [ -f "$out/probe.json" ] && resume=(--resume)
 # The test bed's sampling (--preset testbed), spelled out: the preset's eval and iteration defaults are no probe's.
-exec "${PYTHON:-.venv/bin/python}" -m ippo.train.cli probe --seed "$seed" --arith-steps 2 --sft-steps 4 --ippo-base grpo \
-  --temperature 1.0 --prompts-per-iter 4 --samples-per-prompt 8 --max-new-tokens 48 --reward-noise 0.3 \
-  --draws 30 --no-stability "${scores[@]}" --threads 1 --no-progress "${resume[@]}" --out "$out"
+exec "${PYTHON:-.venv/bin/python}" -m ippo.train.cli probe --seed "$seed" --arith-steps 2 --sft-steps 4 \
+  --ippo-base grpo --temperature 1.0 --prompts-per-iter 4 --samples-per-prompt 8 --max-new-tokens 48 \
+  --reward-noise 0.3 --draws 30 --no-stability "${scores[@]}" --threads 1 --no-progress "${resume[@]}" --out "$out"
