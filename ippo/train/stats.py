@@ -128,3 +128,16 @@ def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> Interv
     if n == 1:
         return Interval(mean, None, 1)
     return Interval(mean, t_quantile(confidence, n - 1) * statistics.stdev(values) / math.sqrt(n), n)
+
+
+def t_test(values: list[float]) -> tuple[float, float]:
+    """One-sample t test of mean 0 (for paired differences): t = mean / (sd / sqrt(n)) and its two-sided p
+    (n - 1 degrees of freedom). Needs n >= 2 values that are not all equal."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"t_test needs at least 2 values, got {n}")
+    sd = statistics.stdev(values)
+    if sd == 0:
+        raise ValueError("t_test needs values that are not all equal (sd 0: t undefined)")
+    t = statistics.fmean(values) / (sd / math.sqrt(n))
+    return t, 1 - t_coverage(abs(t), n - 1)

@@ -103,6 +103,8 @@ def widths(groups: dict[str, list[tuple[Path, dict]]]) -> list[str]:
                      if f"flip_auc_{key}{sfx}" in r} | {"seed": probe["config"]["seed"]} for r in probe["draws"])
     if len(rows) < 2:
         return []
+    common = set.intersection(*({d["seed"] for d in draws} for draws in rows.values()))  # like for like
+    rows = {width: [d for d in draws if d["seed"] in common] for width, draws in rows.items()}
     lines = ["## deflated: how its flip AUCs move with the sketch width (--deflate-dim)\n",
              "| width | seeds | " + " | ".join(f"flip AUC {label}" for _, label in LEVELS) + " |",
              "|---" * (len(LEVELS) + 2) + "|"]
@@ -132,8 +134,9 @@ def main(argv: list[str]) -> None:
         cfg = group[0][1]["config"]
         draws = [r for _, probe in group for r in probe["draws"]]
         scores = names(group[0][1])
-        seeds = ", ".join(str(p["config"]["seed"]) for _, p in group)
-        title = (f"{len(draws)} draws (seeds {seeds}) of {cfg['prompts_per_iter']}x{cfg['samples_per_prompt']}, "
+        seeds = [p["config"]["seed"] for _, p in group]
+        seed_list = f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        title = (f"{len(draws)} draws ({seed_list}) of {cfg['prompts_per_iter']}x{cfg['samples_per_prompt']}, "
                  f"reward noise {cfg['reward_noise']}, ippo base {cfg['ippo_base']}")
         png = f"variants-{n}.png"
         plot(draws, scores, HERE / png, title)
@@ -147,6 +150,10 @@ def main(argv: list[str]) -> None:
                 f"group of {cfg['samples_per_prompt']}: "
                 f"{statistics.fmean(r['distinct_per_group'] for r in draws):.2f}.\n",
                 table(draws, scores), f"![flip AUCs]({png})\n"]
+        if len(group) > 1:  # each seed is its own warm start: its draws alone, next to the pooled table
+            for _, probe in group:
+                out += [f"### seed {probe['config']['seed']} alone ({len(probe['draws'])} draws)\n",
+                        table(probe["draws"], scores)]
     out += widths(groups)
     (HERE / "summary.md").write_text("\n".join(out))
     print("\n".join(out))

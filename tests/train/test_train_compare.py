@@ -42,6 +42,22 @@ def test_mean_interval():
         stats.mean_interval([])
 
 
+def test_t_test():
+    values = [0.1, 0.4, 0.35, 0.8, 0.2]
+    t, p = stats.t_test(values)
+    assert t == pytest.approx(statistics.fmean(values) / (statistics.stdev(values) / math.sqrt(5)))
+    # the tables: sd 1 and mean T95[4] / sqrt(5) give t = T95[4], p = 0.05 two-sided, either sign
+    sd1 = [(v - statistics.fmean(values)) / statistics.stdev(values) for v in values]
+    at_quantile = [v + T95[4] / math.sqrt(5) for v in sd1]
+    assert stats.t_test(at_quantile)[0] == pytest.approx(T95[4])
+    assert stats.t_test(at_quantile)[1] == pytest.approx(0.05, abs=1e-5)
+    assert stats.t_test([-v for v in at_quantile])[1] == pytest.approx(0.05, abs=1e-5)
+    assert stats.t_test([1.0, -1.0]) == (0.0, 1.0)
+    for bad in ([], [0.5], [0.2, 0.2]):
+        with pytest.raises(ValueError):
+            stats.t_test(bad)
+
+
 @pytest.mark.parametrize("text", ["", "0,0", "a", "-1,2", "1,,2"])
 def test_bad_seeds_are_refused(text):
     with pytest.raises(ValueError, match="--seeds"):
