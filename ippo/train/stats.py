@@ -1,6 +1,6 @@
-"""Statistics of the reports and probes: rank correlation, rank AUC, Student-t intervals (one copy each).
+"""Statistics of the reports and probes: rank correlation, rank AUC, Student-t intervals and t test (one copy each).
 
-Ranks tie by their average; intervals are two-sided Student t with n - 1 degrees of freedom.
+Ranks tie by their average; intervals and tests are two-sided Student t with n - 1 degrees of freedom.
 """
 
 from __future__ import annotations

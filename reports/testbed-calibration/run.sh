@@ -28,4 +28,4 @@ esac
 exec "${PYTHON:-.venv/bin/python}" -m ippo.train.cli compare --algos "$algos" --seeds "$seeds" \
   --temperature 1.0 --prompts-per-iter 4 --samples-per-prompt 8 --max-new-tokens 48 --iterations 20 \
   --wall-budget 0 --eval-size 100 --final-eval-size 100 --eval-k 2 --eval-every 10 --no-eval-base \
-  --threads 1 --no-progress   "${preset[@]}" --resume --out "$root/$candidate"
+  --threads 1 --no-progress "${preset[@]}" --resume --out "$root/$candidate"

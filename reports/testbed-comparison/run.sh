@@ -4,7 +4,7 @@
 # control, all on the grpo base, same seeds (same SFT warm starts and eval problems), one `ippo compare` sweep per
 # reward-noise level, whose report.md gives per arm the mean and 95% t interval over seeds of the final eval (200
 # problems, sampled and greedy) and the paired differences vs grpo. Every arm gets the same training wall-clock,
-# 600 s on one thread (grpo fits 9 iterations, the filtered arms 6-8: the filter's validation gradient and scoring
+# 600 s on one thread (grpo fits 7-9 iterations, the filtered arms 5-8: the filter's validation gradient and scoring
 # pass cost iterations; --iterations 16 is room, not a target; evals only at the start and the end); run two lanes
 # at most, so that every run shares the machine alike. Resumable: run it again.
 # Usage: bash reports/testbed-comparison/run.sh NOISE SEEDS VARIANT [OUT_ROOT]
