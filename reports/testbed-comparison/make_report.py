@@ -88,9 +88,9 @@ def contrasts_table(results: dict, seeds: list[int], levels: int) -> str:
              f"| contrast | accuracy (sampled) | greedy accuracy | t | p | p x {total} | seeds ahead | "
              "one seed left out |", "|---|---|---|---|---|---|---|---|"]
     for a, b in CONTRASTS:
-        cells = [mean_interval(d).format(3) if (d := paired_diffs(results, a, b, key, seeds)) else "-"
-                 for key in ("accuracy", "greedy_accuracy")]
-        d = paired_diffs(results, a, b, "accuracy", seeds)
+        diffs = {key: paired_diffs(results, a, b, key, seeds) for key in ("accuracy", "greedy_accuracy")}
+        cells = [mean_interval(d).format(3) if d else "-" for d in diffs.values()]
+        d = diffs["accuracy"]
         if len(d) > 1 and len(set(d)) > 1:
             t, p = t_test(d)
             cells += [f"{t:+.2f}", f"{p:.3f}", f"{min(1.0, p * total):.2f}"]
